@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loaders and scorers."""
