@@ -130,7 +130,8 @@ def load_questions(path: str | Path) -> dict[str, Question]:
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise EqBenchInputError(
-            f"{path}: expected a JSON object mapping question id to question; pass eq_bench_v2_questions_171.json"
+            f"{path}: expected a JSON object mapping question id to question; "
+            "pass eq_bench_v2_questions_171.json"
         )
     questions = {}
     for qid, entry in raw.items():
@@ -184,7 +185,7 @@ def _penalty(difference: int) -> float:
 
 
 def score_question(answers: Mapping[str, int], reference: Mapping[str, int]) -> float | None:
-    """Score one pass of one question (10 is perfect); None unless exactly the reference emotions are given."""
+    """Score one pass of one question (10 is perfect); None unless it names exactly the reference emotions."""
     if set(answers) != set(reference):
         return None
     return 10 - _ADJUST * sum(_penalty(abs(answers[name] - ref)) for name, ref in reference.items())
@@ -215,7 +216,9 @@ def score_responses(responses: Mapping[str, str], questions: Mapping[str, Questi
         )
     first_score, first_parseable = _pass_score([s.first_pass for s in per_question.values()])
     revised_score, revised_parseable = _pass_score([s.revised for s in per_question.values()])
-    use_revised = revised_score >= first_score and revised_parseable >= _REVISION_MIN_PARSEABLE * first_parseable
+    use_revised = (
+        revised_score >= first_score and revised_parseable >= _REVISION_MIN_PARSEABLE * first_parseable
+    )
     chosen = "revised" if use_revised else "first_pass"
     return EqBenchResult(
         score=revised_score if use_revised else first_score,
@@ -307,12 +310,18 @@ def main(argv: list[str] | None = None) -> None:
         help="an EQ-Bench harness results file (raw_results -> iteration -> raw_inference) "
         "or a JSON object mapping question id to the model's reply",
     )
-    parser.add_argument("--questions", required=True, help="the v2 question file, e.g. eq_bench_v2_questions_171.json")
+    parser.add_argument(
+        "--questions", required=True, help="the v2 question file, e.g. eq_bench_v2_questions_171.json"
+    )
     args = parser.parse_args(argv)
     try:
-        run = score_run(load_responses(args.responses), load_questions(args.questions))
+        iterations, questions = load_responses(args.responses), load_questions(args.questions)
     except (OSError, EqBenchInputError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    try:
+        run = score_run(iterations, questions)
+    except EqBenchInputError as e:
+        parser.exit(2, f"{parser.prog}: error: {args.responses}: {e}\n")
     json.dump(_report(run), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
