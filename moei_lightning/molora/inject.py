@@ -1,0 +1,101 @@
+"""Put MoLoRA blocks into a model in place: match target layers, wrap them, freeze the rest."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from moei_lightning.molora.config import MoLoRAConfig
+from moei_lightning.molora.layer import MoLoRALinear
+from moei_lightning.molora.recorder import RoutingRecorder, Stream
+
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+}
+
+# Cross-attention projections of the decoder that read the encoder's tokens.
+_CROSS_ATTENTION_INPUTS = re.compile(r"(EncDecAttention\.(k|v)|encoder_attn\.(k_proj|v_proj))$")
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The family default: LLaMA-like ``q_proj, v_proj``, T5 ``q, v``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(
+            f"no default target_modules for model_type {model_type!r}; set molora.target_modules to "
+            f"names from: {', '.join(linear_layer_patterns(model))}"
+        )
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def linear_layer_patterns(model: nn.Module) -> list[str]:
+    """Names of the model's linear layers with layer numbers folded to ``*``, for error messages."""
+    names = (name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+    return sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the linear layers that ``target_modules`` selects; an entry matching none is an error."""
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        selected = [name for name in linear_names if pattern.fullmatch(name)]
+        unmatched = [] if selected else [target_modules]
+    else:
+        selected = [n for n in linear_names if any(n == t or n.endswith("." + t) for t in target_modules)]
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if unmatched:
+        raise ValueError(
+            f"molora.target_modules entries {unmatched} match no linear layer of this "
+            f"{type(model).__name__}; its linear layers are: {', '.join(linear_layer_patterns(model))}"
+        )
+    return selected
+
+
+def _stream_of(model: nn.Module, name: str) -> Stream:
+    """Which tokens a layer sees: an encoder-decoder's encoder and cross-attention k/v see the source."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "decoder"
+    if name.startswith("encoder.") or ".encoder." in name or _CROSS_ATTENTION_INPUTS.search(name):
+        return "encoder"
+    return "decoder"
+
+
+def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
+    """Wrap every target linear layer of ``model`` in a :class:`MoLoRALinear`, in place.
+
+    Everything but the adapters is frozen. The model gets a ``molora_recorder`` attribute (the
+    shared :class:`RoutingRecorder`) and a ``molora_config`` attribute.
+    """
+    if hasattr(model, "molora_recorder"):
+        raise ValueError(f"{type(model).__name__} already has MoLoRA adapters; inject into a fresh model")
+    targets = find_targets(model, config.target_modules or default_target_modules(model))
+    recorder = RoutingRecorder()
+    model.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        block = MoLoRALinear(getattr(parent, child), config, name, _stream_of(model, name), recorder)
+        setattr(parent, child, block)
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    encoder = model.get_encoder() if is_encoder_decoder and hasattr(model, "get_encoder") else None
+    recorder.attach(model, encoder)
+    model.molora_recorder = recorder
+    model.molora_config = config
+    return model
+
+
+def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:
+    """The model's MoLoRA blocks by name (wrapper prefixes such as FSDP's or compile's removed)."""
+    return {_clean(name): m for name, m in model.named_modules() if isinstance(m, MoLoRALinear)}
+
+
+def _clean(name: str) -> str:
+    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name

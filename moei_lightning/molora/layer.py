@@ -1,0 +1,169 @@
+"""The MoLoRA block: a frozen linear layer plus K stacked LoRA experts, an intra router and an inter gate.
+
+    y = W0 x + g(x) * (alpha / r) * sum_k p_k(x) * B_k A_k dropout(x)
+
+The experts are stored stacked (``lora_A``: (K*r, d_in), ``lora_B``: (d_out, K*r)), so the delta
+costs two matmuls whatever K is: ``h = x A^T``, scale each expert's r columns of ``h`` by its
+weight ``g * p_k * alpha / r``, then accumulate ``h B^T`` into the frozen output in place. No loop
+over experts, no (tokens, K, d_out) tensor. Router and gate math runs in fp32, also under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moei_lightning.molora.config import MoLoRAConfig
+from moei_lightning.molora.recorder import RoutingRecorder, Stream
+
+
+class MoLoRALinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a MoLoRA expert bank.
+
+    Args:
+        base_layer: the linear layer to adapt; it is used as is, never copied.
+        config: the expert count, rank, routing and gate settings.
+        name: the layer's name in the model, used as its key in the routing recorder.
+        stream: which token stream the layer sees (``encoder`` or ``decoder``), so the recorder
+            applies the matching attention mask.
+        recorder: where routing is recorded; ``None`` records nothing.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        config: MoLoRAConfig,
+        name: str = "",
+        stream: Stream = "decoder",
+        recorder: RoutingRecorder | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.name = name
+        self.stream: Stream = stream
+        self.recorder = recorder
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        stacked_rank = config.num_experts * config.rank
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(stacked_rank, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.empty(d_out, stacked_rank, **factory))
+        self.router = nn.Linear(d_in, config.num_slots, bias=False, **factory)
+        self.gate = nn.Linear(d_in, 1, **factory) if config.inter == "gate" else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A: Kaiming-uniform, B: zeros, so a fresh block returns exactly ``W0 x``."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        nn.init.normal_(self.router.weight, std=self.config.router_init_std)
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=self.config.router_init_std)
+            nn.init.constant_(self.gate.bias, self.config.gate_bias_init)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"experts={c.num_experts}, rank={c.rank}, routing={c.routing}, inter={c.inter}, top_k={c.top_k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        seq_len = lead[-1] if x.dim() >= 3 else 1  # a 2-D input is a batch of single tokens
+        x = x.reshape(-1, x.shape[-1])  # 2-D, so the delta can be accumulated in place with addmm_
+        y = self.base_layer(x)
+        h, logits = self._project(x, seq_len)
+        weights = self._expert_weights(logits, seq_len)  # (tokens, K) fp32, gate and alpha/r folded in
+        h = h * weights.repeat_interleave(self.config.rank, dim=-1).to(h.dtype)
+        if y.dtype == h.dtype == self.lora_B.dtype:
+            y = y.addmm_(h, self.lora_B.t())
+        else:
+            y = y + F.linear(h, self.lora_B).to(y.dtype)
+        return y.view(*lead, y.shape[-1])
+
+    def _project(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = A dropout(x)`` (tokens, K*r) and the fp32 router (+ gate) logits (sequences, seq_len or 1, .).
+
+        When the adapters see the same fp32 tokens as the router (token routing, no dropout, no
+        autocast), one matmul over the stacked ``[A; W_router; w_gate]`` reads ``x`` once and sends
+        one gradient back to it instead of three.
+        """
+        routing_weight, routing_bias = self._routing_params()
+        fused = (
+            self.config.routing == "token"
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == self.lora_A.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if fused:
+            bias = None if routing_bias is None else F.pad(routing_bias, (self.lora_A.shape[0], 0))
+            h, logits = F.linear(x, torch.cat([self.lora_A, routing_weight]), bias).split(
+                [self.lora_A.shape[0], routing_weight.shape[0]], dim=-1
+            )
+            return h, logits.view(-1, seq_len, logits.shape[-1])
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            source = self._routing_input(x.float().view(-1, seq_len, x.shape[-1]))
+            bias = None if routing_bias is None else routing_bias.float()
+            return h, F.linear(source, routing_weight.float(), bias)
+
+    def _routing_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Router rows, then the gate row when ``inter: gate``; the bias is zero but for the gate."""
+        if self.gate is None:
+            return self.router.weight, None
+        weight = torch.cat([self.router.weight, self.gate.weight])
+        return weight, F.pad(self.gate.bias, (self.router.weight.shape[0], 0))
+
+    def _expert_weights(self, logits: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Per-token expert weights ``g * p_k * alpha / r`` (tokens, K) in fp32; records g and p."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            slots, experts = self.config.num_slots, self.config.num_experts
+            probs = torch.softmax(logits[..., :slots] / self.config.router_temperature, dim=-1)
+            if self.config.top_k is not None and self.config.top_k < slots:
+                kept = probs.topk(self.config.top_k, dim=-1).indices
+                probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
+                probs = probs / probs.sum(-1, keepdim=True)
+            if self.config.inter == "gate":
+                gate = torch.sigmoid(logits[..., slots:])
+                expert_probs, weights = probs, probs * gate
+            elif self.config.inter == "slot":
+                gate = 1.0 - probs[..., :1]
+                weights = probs[..., 1:]
+                expert_probs = weights / gate.clamp_min(torch.finfo(gate.dtype).tiny)
+            else:
+                gate, expert_probs, weights = None, probs, probs
+            shape = (logits.shape[0], seq_len)  # sequence routing broadcasts one decision over its tokens
+            if self.recorder is not None:
+                self.recorder.record(
+                    self.name,
+                    self.stream,
+                    None if gate is None else gate.expand(*shape, 1),
+                    expert_probs.expand(*shape, experts),
+                )
+            return (weights * self.config.scaling).expand(*shape, experts).reshape(-1, experts)
+
+    def _routing_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token routing sees each token; sequence routing sees the mean of each sequence's real tokens.
+
+        ``tokens`` is (sequences, seq_len, d_in). Under cached decoding a sequence keeps the routing
+        it got from its prompt.
+        """
+        if self.config.routing == "token":
+            return tokens
+        batch, length = tokens.shape[:2]
+        recorder = self.recorder
+        if recorder is None:
+            return tokens.mean(dim=1, keepdim=True)
+        if recorder.is_incremental(self.stream, length) and self.name in recorder.sequence_cache:
+            return recorder.sequence_cache[self.name]
+        mask = recorder.token_mask(self.stream, batch, length)
+        if mask is None:
+            pooled = tokens.mean(dim=1, keepdim=True)
+        else:
+            weights = mask.to(tokens.dtype).unsqueeze(-1)
+            pooled = (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+        recorder.sequence_cache[self.name] = pooled.detach()
+        return pooled
