@@ -81,7 +81,7 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         block = MoLoRALinear(getattr(parent, child), config, name, _stream_of(model, name), recorder)
-        setattr(parent, child, block)
+        setattr(parent, child, block.train(parent.training))  # an eval model must not get live dropout
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     encoder = model.get_encoder() if is_encoder_decoder and hasattr(model, "get_encoder") else None
     recorder.attach(model, encoder)
