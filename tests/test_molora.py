@@ -198,7 +198,7 @@ def test_save_load_round_trip_and_wrong_architecture(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match=r"unexpected keys \[model\.layers\.1\.self_attn\.q_proj\.gate\.bias"):
         load_adapter(tiny_llama(layers=1), tmp_path / "adapter")
-    mismatch = r"shape mismatches \[model\.layers\.0\.self_attn\.q_proj\.gate\.weight: saved \(1, 64\) vs model \(1, 32\)"
+    mismatch = r"shape mismatches \[model\.layers\.0\.self_attn\.q_proj\.gate\.weight: saved \(1, 64\) vs model \(1, 32"
     with pytest.raises(ValueError, match=mismatch):
         load_adapter(tiny_llama(hidden=32), tmp_path / "adapter")
 
