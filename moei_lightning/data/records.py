@@ -1,0 +1,151 @@
+"""EiBench records: the JSONL schema, its validation, and loading from files or folders.
+
+One JSON object per line::
+
+    {"id": "...", "task": "goemotions", "domain": "ei", "aspect": "perception",
+     "instruction": "...", "input": "...", "output": "...", "choices": ["...", "..."]}
+
+Every problem is reported as a :class:`DataError` that names ``file:line`` and the field, because a
+bad line in a 10k-line file is otherwise hard to find.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EI_ASPECTS: tuple[str, ...] = ("perception", "cognition", "expression")
+GI_ASPECTS: tuple[str, ...] = ("knowledge", "reasoning", "commonsense", "reading")
+ASPECTS: dict[str, tuple[str, ...]] = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
+
+_REQUIRED_TEXT = ("task", "domain", "aspect", "instruction", "output")
+_FIELDS = ("id", *_REQUIRED_TEXT, "input", "choices")
+
+
+class DataError(ValueError):
+    """Bad data or data configuration; the message says where and what to change."""
+
+
+@dataclass(frozen=True)
+class EiRecord:
+    """One instruction example. ``choices`` is set for multiple choice, and ``output`` is one of them."""
+
+    id: str
+    task: str
+    domain: str
+    aspect: str
+    instruction: str
+    input: str
+    output: str
+    choices: list[str] | None = None
+    source: str = field(default="", compare=False)
+    """Where the record was read (``file:line``), so later stages can point back at it."""
+
+
+def load_records(paths: Iterable[str | Path]) -> list[EiRecord]:
+    """Read and validate every record in ``paths``: files, or folders whose ``*.jsonl`` are read by name.
+
+    Ids must be unique over all the paths together, since metrics and predictions are keyed by id.
+    """
+    records: list[EiRecord] = []
+    seen: dict[str, str] = {}
+    for file in _expand(paths):
+        for record in _read_file(file):
+            if record.id in seen:
+                raise DataError(
+                    f"{record.source}: field 'id': duplicate id {record.id!r}, first seen at "
+                    f"{seen[record.id]}; ids must be unique across all files of a split"
+                )
+            seen[record.id] = record.source
+            records.append(record)
+    return records
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise DataError(
+                    f"{path}: folder has no *.jsonl files; point the data path at a file or at a "
+                    "folder that has some"
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder (resolved to {path.resolve()})")
+    return files
+
+
+def _read_file(file: Path) -> list[EiRecord]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}: not valid UTF-8 ({err}); save the file as UTF-8") from err
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            records.append(_parse_line(line, f"{file}:{number}", f"{file.stem}:{number}"))
+    return records
+
+
+def _parse_line(line: str, where: str, default_id: str) -> EiRecord:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be one object"
+        ) from err
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(_FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(_FIELDS)}")
+
+    values = {name: _text(obj, name, where, required=True) for name in _REQUIRED_TEXT}
+    domain, aspect = values["domain"], values["aspect"]
+    if domain not in ASPECTS:
+        raise DataError(f"{where}: field 'domain': unknown domain {domain!r}; allowed: {list(ASPECTS)}")
+    if aspect not in ASPECTS[domain]:
+        raise DataError(
+            f"{where}: field 'aspect': unknown aspect {aspect!r} for domain {domain!r}; "
+            f"allowed: {list(ASPECTS[domain])}"
+        )
+    record_id = _text(obj, "id", where, required=False) or default_id
+    input_text = _text(obj, "input", where, required=False)
+    choices = _choices(obj.get("choices"), values["output"], where)
+    return EiRecord(id=record_id, input=input_text, choices=choices, source=where, **values)
+
+
+def _text(obj: dict[str, Any], name: str, where: str, *, required: bool) -> str:
+    """A string field; required ones must be present and non-blank, optional ones default to ''."""
+    if name not in obj or obj[name] is None:
+        if required:
+            raise DataError(f"{where}: field {name!r} is missing")
+        return ""
+    value = obj[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _choices(value: Any, output: str, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise DataError(f"{where}: field 'choices' must be a list of non-empty strings, got {value!r}")
+    if len(value) < 2:
+        raise DataError(f"{where}: field 'choices' needs at least two options, got {value!r}")
+    if len(set(value)) != len(value):
+        raise DataError(f"{where}: field 'choices' has duplicate options: {value!r}")
+    if output not in value:
+        raise DataError(f"{where}: field 'output': {output!r} is not one of the choices {value!r}")
+    return list(value)
