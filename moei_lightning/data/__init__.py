@@ -1,0 +1,32 @@
+"""EiBench records, prompt formatting, tokenisation and the EI/GI mixing DataModule."""
+
+from moei_lightning.data.collate import Collator
+from moei_lightning.data.datamodule import SAMPLES_DIR, MoEIDataModule
+from moei_lightning.data.encode import IGNORE_INDEX, DataReport, Encoder, Example, Kind
+from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter, render_choices
+from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
+from moei_lightning.data.sampling import EpochPermutation, EvalBatchSampler, MixedBatchSampler, gi_per_batch
+
+__all__ = [
+    "ASPECTS",
+    "DEFAULT_TEMPLATE",
+    "EI_ASPECTS",
+    "GI_ASPECTS",
+    "IGNORE_INDEX",
+    "SAMPLES_DIR",
+    "Collator",
+    "DataError",
+    "DataReport",
+    "EiRecord",
+    "Encoder",
+    "EpochPermutation",
+    "EvalBatchSampler",
+    "Example",
+    "Kind",
+    "MixedBatchSampler",
+    "MoEIDataModule",
+    "PromptFormatter",
+    "gi_per_batch",
+    "load_records",
+    "render_choices",
+]

@@ -1,0 +1,261 @@
+"""The LightningDataModule: EiBench EI data mixed with GI data, tokenised once at setup.
+
+The tokenizer and the model kind belong to the model, so the DataModule takes them from the
+LightningModule at ``setup``: ``trainer.lightning_module.tokenizer`` (a Hugging Face tokenizer) and
+``trainer.lightning_module.kind`` (``"causal"`` or ``"seq2seq"``). Lightning calls the DataModule's
+``setup`` before ``configure_model``, so the module must load its tokenizer in ``__init__``.
+Without a Trainer (tests, evaluation scripts) call :meth:`MoEIDataModule.attach` first.
+
+Under DDP or FSDP the Trainer must run with ``use_distributed_sampler=False``: the samplers here
+shard by ``trainer.global_rank`` / ``trainer.world_size`` themselves (see
+:mod:`moei_lightning.data.sampling` for how global batches map to ranks). The batch contract is in
+:mod:`moei_lightning.data.collate`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from moei_lightning.data.collate import Collator
+from moei_lightning.data.encode import DataReport, Encoder, Example, Kind
+from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter
+from moei_lightning.data.records import DataError, EiRecord, load_records
+from moei_lightning.data.sampling import EvalBatchSampler, MixedBatchSampler
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+"""The bundled sample data: ``{ei,gi}/{train,val,test}.jsonl``."""
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def _samples(domain: str, split: str) -> tuple[str, ...]:
+    return (str(SAMPLES_DIR / domain / f"{split}.jsonl"),)
+
+
+class MoEIDataModule(LightningDataModule):
+    """EI + GI data for MoEI: mixed training batches, per-aspect tagged evaluation batches.
+
+    Args:
+        ei_train: EiBench JSONL files or folders (all ``*.jsonl`` inside) with the EI training records.
+            Defaults to the bundled samples.
+        ei_val: EI validation files or folders.
+        ei_test: EI test files or folders (also used for ``predict``).
+        gi_train: GI training files or folders; GI examples teach the inter gate to keep the backbone.
+        gi_val: GI validation files or folders.
+        gi_test: GI test files or folders.
+        gi_ratio: Fraction of GI examples in each training batch; ``round(batch_size * gi_ratio)``
+            (halves up) per batch, the rest EI. 0 trains on EI only.
+        batch_size: Training examples per batch on each rank.
+        eval_batch_size: Examples per validation/test/predict batch on each rank; default ``batch_size``.
+        max_length: Longest tokenised example (causal: prompt + target; seq2seq: source, and target
+            separately). Longer ones are truncated, prompts from the left; the setup report counts them.
+        num_workers: DataLoader worker processes (collation only; tokenisation happens once at setup).
+        prompt_template: Prompt template with ``{instruction}``, ``{input}`` and ``{choices}`` placeholders.
+            With a chat template it becomes the user turn.
+        system_prompt: System message for chat templates, or a leading paragraph without one.
+        use_chat_template: Wrap prompts with the tokenizer's chat template when it has one.
+        seed: Seed of the training shuffle (epoch ``n`` uses ``seed + n``) and of ``max_train_examples``.
+        max_train_examples: For quick runs: keep at most this many EI and this many GI training
+            records, a seeded random subset in file order. None keeps all.
+    """
+
+    def __init__(
+        self,
+        ei_train: str | Sequence[str] = _samples("ei", "train"),
+        ei_val: str | Sequence[str] = _samples("ei", "val"),
+        ei_test: str | Sequence[str] = _samples("ei", "test"),
+        gi_train: str | Sequence[str] = _samples("gi", "train"),
+        gi_val: str | Sequence[str] = _samples("gi", "val"),
+        gi_test: str | Sequence[str] = _samples("gi", "test"),
+        gi_ratio: float = 0.2,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int = 512,
+        num_workers: int = 0,
+        prompt_template: str = DEFAULT_TEMPLATE,
+        system_prompt: str | None = None,
+        use_chat_template: bool = True,
+        seed: int = 42,
+        max_train_examples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check("gi_ratio", gi_ratio, 0 <= gi_ratio < 1, "a fraction in [0, 1)")
+        _check("batch_size", batch_size, batch_size >= 1, "a positive integer")
+        _check(
+            "eval_batch_size",
+            eval_batch_size,
+            eval_batch_size is None or eval_batch_size >= 1,
+            "a positive integer or null",
+        )
+        _check("max_length", max_length, max_length >= 1, "a positive number of tokens")
+        _check("num_workers", num_workers, num_workers >= 0, "zero or more")
+        _check(
+            "max_train_examples",
+            max_train_examples,
+            max_train_examples is None or max_train_examples >= 1,
+            "a positive integer or null",
+        )
+        given = {
+            "ei_train": ei_train,
+            "ei_val": ei_val,
+            "ei_test": ei_test,
+            "gi_train": gi_train,
+            "gi_val": gi_val,
+            "gi_test": gi_test,
+        }
+        self.paths = {key: [value] if isinstance(value, str) else list(value) for key, value in given.items()}
+        self.gi_ratio = gi_ratio
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.use_chat_template = use_chat_template
+        self.seed = seed
+        self.max_train_examples = max_train_examples
+        PromptFormatter(prompt_template)  # a bad template fails at construction, before any model loads
+        self.tokenizer: Any = None
+        self.kind: Kind | None = None
+        self.formatter: PromptFormatter | None = None
+        self._encoder: Encoder | None = None
+        self.reports: dict[str, DataReport] = {}
+        self._examples: dict[str, list[Example]] = {}
+        self._n_ei: dict[str, int] = {}
+
+    def attach(self, tokenizer: Any, kind: Kind) -> None:
+        """Use ``tokenizer`` and model ``kind`` without a Trainer; any earlier tokenisation is dropped."""
+        self.tokenizer, self.kind = tokenizer, kind
+        self.formatter = PromptFormatter(
+            self.prompt_template, self.system_prompt, self.use_chat_template, tokenizer
+        )
+        self._encoder = Encoder(tokenizer, self.formatter, kind, self.max_length)
+        self.reports, self._examples, self._n_ei = {}, {}, {}
+
+    def setup(self, stage: str) -> None:
+        """Load, validate and tokenise the splits ``stage`` needs; print what was kept, cut or skipped."""
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}")
+        if self.tokenizer is None:
+            self._attach_from_trainer()
+        for split in _STAGE_SPLITS[stage]:
+            if split not in self._examples:
+                self._prepare(split)
+                rank_zero_info(self.reports[split].summary())
+
+    def train_dataloader(self) -> DataLoader:
+        """Mixed EI/GI batches from :class:`MixedBatchSampler`, sharded by this process's rank."""
+        examples = self._ready("train")
+        rank, world_size = self._rank()
+        sampler = MixedBatchSampler(
+            self._n_ei["train"],
+            len(examples) - self._n_ei["train"],
+            self.batch_size,
+            self.gi_ratio,
+            self.seed,
+            rank,
+            world_size,
+        )
+        return self._loader(examples, sampler, Collator(self._pad_id(), self.kind, "right"))
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """EI then GI validation examples in file order, sharded by rank; no loader when both are empty."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """EI then GI test examples in file order, sharded by rank."""
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test set, as for :meth:`test_dataloader`."""
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader | list[DataLoader]:
+        examples = self._ready(split)
+        if not examples:
+            return []
+        sampler = EvalBatchSampler(len(examples), self.eval_batch_size, *self._rank())
+        side = getattr(self.tokenizer, "padding_side", "right")
+        return self._loader(examples, sampler, Collator(self._pad_id(), self.kind, side, eval_fields=True))
+
+    def _loader(
+        self, examples: list[Example], sampler: MixedBatchSampler | EvalBatchSampler, collator: Collator
+    ) -> DataLoader:
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=collator, num_workers=self.num_workers)
+
+    def _attach_from_trainer(self) -> None:
+        module = getattr(self.trainer, "lightning_module", None)
+        tokenizer, kind = getattr(module, "tokenizer", None), getattr(module, "kind", None)
+        if tokenizer is None or kind is None:
+            raise DataError(
+                f"MoEIDataModule needs a tokenizer and a model kind at setup, but the LightningModule "
+                f"{type(module).__name__} does not expose both `tokenizer` and `kind` yet; load the "
+                "tokenizer in the module's __init__ (setup runs before configure_model), or call "
+                "attach(tokenizer, kind) when there is no Trainer"
+            )
+        self.attach(tokenizer, kind)
+
+    def _prepare(self, split: str) -> None:
+        ei, gi = self._load("ei", split), self._load("gi", split)
+        loaded = len(ei) + len(gi)
+        if split == "train" and self.max_train_examples is not None:
+            ei, gi = self._cap(ei), self._cap(gi)
+        examples, report = self._encoder.encode(ei + gi, split)
+        report.capped = loaded - len(ei) - len(gi)
+        self._examples[split] = examples
+        self._n_ei[split] = sum(e.record.domain == "ei" for e in examples)
+        self.reports[split] = report
+
+    def _load(self, domain: str, split: str) -> list[EiRecord]:
+        key = f"{domain}_{split}"
+        records = load_records(self.paths[key])
+        for record in records:
+            if record.domain != domain:
+                raise DataError(
+                    f"{record.source}: field 'domain': a {record.domain!r} record in data.{key}; "
+                    f"move it to data.{record.domain}_{split}"
+                )
+        return records
+
+    def _cap(self, records: list[EiRecord]) -> list[EiRecord]:
+        if len(records) <= self.max_train_examples:
+            return records
+        keep = sorted(random.Random(f"cap:{self.seed}").sample(range(len(records)), self.max_train_examples))
+        return [records[i] for i in keep]
+
+    def _ready(self, split: str) -> list[Example]:
+        if split not in self._examples:
+            stage = "fit" if split == "train" else "validate, test or predict"
+            raise DataError(f"the {split} split is not prepared; call setup({stage!r}) first")
+        return self._examples[split]
+
+    def _rank(self) -> tuple[int, int]:
+        """This process's rank and the world size; the sampler flag is checked here, where it matters."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise DataError(
+                "MoEIDataModule shards batches across ranks itself; run the Trainer with "
+                "use_distributed_sampler=False (YAML: trainer.use_distributed_sampler: false)"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _pad_id(self) -> int:
+        """The pad token, else EOS: padded positions are masked and labelled -100, so any valid id works."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+
+def _check(key: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise DataError(f"config key data.{key}: expected {expected}, got {value!r}")
