@@ -228,19 +228,6 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None)
     return model
 
 
-def default_target_modules(model: PreTrainedModel) -> list[str]:
-    """The linear layers MoLoRA adapts by default: the query and value projections, as in LoRA."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2"}:
-        return ["q_proj", "v_proj"]
-    if model_type in {"t5", "mt5", "umt5"}:
-        return ["q", "v"]
-    raise ValueError(
-        f"No default MoLoRA target modules for model_type={model_type!r}; set molora.target_modules to the "
-        "names (suffixes) of the attention linear layers to adapt, e.g. ['q_proj', 'v_proj']"
-    )
-
-
 def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: object) -> _T:
     """Call a `from_pretrained` on a local directory or hub id, turning load failures into clear errors."""
     source = Path(name).expanduser()

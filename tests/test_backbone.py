@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -16,7 +15,6 @@ from transformers import LlamaConfig, T5Config
 from moei_lightning import backbone
 from moei_lightning.backbone import (
     BackboneConfig,
-    default_target_modules,
     load_backbone,
     load_tokenizer,
     resolve_kind,
@@ -240,10 +238,3 @@ def test_gradient_checkpointing_reaches_adapters_without_input_grads():
         assert weight.grad is not None
         grads.append(weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
-
-
-def test_default_target_modules():
-    assert default_target_modules(load_backbone(BackboneConfig(name_or_path="tiny-llama"))) == ["q_proj", "v_proj"]
-    assert default_target_modules(load_backbone(BackboneConfig(name_or_path="tiny-t5"))) == ["q", "v"]
-    with pytest.raises(ValueError, match=r"model_type='gpt2'.*molora.target_modules"):
-        default_target_modules(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))

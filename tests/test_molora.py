@@ -99,6 +99,13 @@ def test_default_targets_and_freezing() -> None:
         assert all(n.rsplit(".", 2)[-2] in ("router", "gate") or "lora_" in n for n in trainable)
 
 
+def test_no_default_targets_for_unknown_family() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = type("Config", (), {"model_type": "gpt2"})()
+    with pytest.raises(ValueError, match=r"no default target_modules for model_type 'gpt2'.*0"):
+        inject_molora(model, MoLoRAConfig())
+
+
 def test_unknown_target_lists_the_linear_layers() -> None:
     with pytest.raises(ValueError, match=r"\['qkv'\].*model\.layers\.\*\.self_attn\.q_proj"):
         inject_molora(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "qkv"]))

@@ -10,12 +10,11 @@ from moei_lightning.molora.config import MoLoRAConfig
 from moei_lightning.molora.layer import MoLoRALinear
 from moei_lightning.molora.recorder import RoutingRecorder, Stream
 
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2"), ("q_proj", "v_proj")
+    ),
+    **dict.fromkeys(("t5", "mt5", "umt5"), ("q", "v")),
 }
 
 # Cross-attention projections of the decoder that read the encoder's tokens.
@@ -30,7 +29,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
             f"no default target_modules for model_type {model_type!r}; set molora.target_modules to "
             f"names from: {', '.join(linear_layer_patterns(model))}"
         )
-    return DEFAULT_TARGET_MODULES[model_type]
+    return list(DEFAULT_TARGET_MODULES[model_type])
 
 
 def linear_layer_patterns(model: nn.Module) -> list[str]:
