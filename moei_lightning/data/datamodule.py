@@ -134,9 +134,7 @@ class MoEIDataModule(LightningDataModule):
     def attach(self, tokenizer: Any, kind: Kind) -> None:
         """Use ``tokenizer`` and model ``kind`` without a Trainer; any earlier tokenisation is dropped."""
         self.tokenizer, self.kind = tokenizer, kind
-        self.formatter = PromptFormatter(
-            self.prompt_template, self.system_prompt, self.use_chat_template, tokenizer
-        )
+        self.formatter = PromptFormatter(self.prompt_template, self.system_prompt, self.use_chat_template, tokenizer)
         self._encoder = Encoder(tokenizer, self.formatter, kind, self.max_length)
         self.reports, self._examples, self._n_ei = {}, {}, {}
 

@@ -85,9 +85,7 @@ class Encoder:
                 f"{list(get_args(Kind))}"
             )
         if max_length < 1:
-            raise DataError(
-                f"config key data.max_length: must be a positive number of tokens, got {max_length}"
-            )
+            raise DataError(f"config key data.max_length: must be a positive number of tokens, got {max_length}")
         if tokenizer.eos_token_id is None:
             raise DataError(
                 f"the tokenizer {type(tokenizer).__name__} has no EOS token, so targets cannot be "
@@ -119,9 +117,7 @@ class Encoder:
             report.examples[f"{record.domain}/{record.aspect}"] += 1
         return examples, report
 
-    def _causal(
-        self, body: list[int], target: list[int], report: DataReport
-    ) -> tuple[list[int], list[int]] | None:
+    def _causal(self, body: list[int], target: list[int], report: DataReport) -> tuple[list[int], list[int]] | None:
         room = self.max_length - len(self.lead)
         if room < 1:
             return None
@@ -134,9 +130,7 @@ class Encoder:
         prompt = [*self.lead, *body]
         return [*prompt, *target], [IGNORE_INDEX] * len(prompt) + target
 
-    def _seq2seq(
-        self, body: list[int], target: list[int], report: DataReport
-    ) -> tuple[list[int], list[int]] | None:
+    def _seq2seq(self, body: list[int], target: list[int], report: DataReport) -> tuple[list[int], list[int]] | None:
         room = self.max_length - len(self.lead) - len(self.tail)
         if room < 1:
             return None

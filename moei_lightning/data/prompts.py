@@ -55,9 +55,7 @@ class PromptFormatter:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except (
-            Exception
-        ) as err:  # jinja raises its own error types, e.g. for a template without a system role
+        except Exception as err:  # jinja raises its own error types, e.g. for a template without a system role
             raise DataError(
                 f"{record.source or record.id}: the tokenizer's chat template rejected the prompt ({err}); "
                 "set data.system_prompt to null if the model has no system role, or data.use_chat_template "

@@ -72,8 +72,7 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             found = sorted(path.glob("*.jsonl"))
             if not found:
                 raise DataError(
-                    f"{path}: folder has no *.jsonl files; point the data path at a file or at a "
-                    "folder that has some"
+                    f"{path}: folder has no *.jsonl files; point the data path at a file or at a folder that has some"
                 )
             files.extend(found)
         elif path.is_file():

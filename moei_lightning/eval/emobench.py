@@ -93,9 +93,7 @@ def _lines(path: Path, languages: Sequence[str]) -> Iterator[_Line]:
                 yield line
 
 
-def _item(
-    line: _Line, task: str, category: str, question: str, choices_key: str, label_key: str
-) -> ChoiceItem:
+def _item(line: _Line, task: str, category: str, question: str, choices_key: str, label_key: str) -> ChoiceItem:
     language = line.text("language")
     choices, answer_index = line.answer(choices_key, label_key)
     return ChoiceItem(

@@ -130,8 +130,7 @@ def load_questions(path: str | Path) -> dict[str, Question]:
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise EqBenchInputError(
-            f"{path}: expected a JSON object mapping question id to question; "
-            "pass eq_bench_v2_questions_171.json"
+            f"{path}: expected a JSON object mapping question id to question; pass eq_bench_v2_questions_171.json"
         )
     questions = {}
     for qid, entry in raw.items():
@@ -216,9 +215,7 @@ def score_responses(responses: Mapping[str, str], questions: Mapping[str, Questi
         )
     first_score, first_parseable = _pass_score([s.first_pass for s in per_question.values()])
     revised_score, revised_parseable = _pass_score([s.revised for s in per_question.values()])
-    use_revised = (
-        revised_score >= first_score and revised_parseable >= _REVISION_MIN_PARSEABLE * first_parseable
-    )
+    use_revised = revised_score >= first_score and revised_parseable >= _REVISION_MIN_PARSEABLE * first_parseable
     chosen = "revised" if use_revised else "first_pass"
     return EqBenchResult(
         score=revised_score if use_revised else first_score,
@@ -310,9 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         help="an EQ-Bench harness results file (raw_results -> iteration -> raw_inference) "
         "or a JSON object mapping question id to the model's reply",
     )
-    parser.add_argument(
-        "--questions", required=True, help="the v2 question file, e.g. eq_bench_v2_questions_171.json"
-    )
+    parser.add_argument("--questions", required=True, help="the v2 question file, e.g. eq_bench_v2_questions_171.json")
     args = parser.parse_args(argv)
     try:
         iterations, questions = load_responses(args.responses), load_questions(args.questions)

@@ -40,9 +40,7 @@ def load_mmlu_csv(path: str | Path, dimension: str) -> list[ChoiceItem]:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != _COLUMNS:
-                raise ValueError(
-                    f"{where}: expected {_COLUMNS} columns (question, A, B, C, D, answer), got {len(row)}"
-                )
+                raise ValueError(f"{where}: expected {_COLUMNS} columns (question, A, B, C, D, answer), got {len(row)}")
             is_header, first_row = first_row and row[-1].strip().lower() == "answer", False
             if is_header:
                 continue

@@ -17,6 +17,7 @@ from moei_lightning.molora.io import (
     load_adapter_state_dict,
     read_adapter_config,
     save_adapter,
+    write_adapter,
 )
 from moei_lightning.molora.layer import MoLoRALinear
 from moei_lightning.molora.recorder import RoutingRecord, RoutingRecorder
@@ -36,4 +37,5 @@ __all__ = [
     "molora_layers",
     "read_adapter_config",
     "save_adapter",
+    "write_adapter",
 ]

@@ -27,17 +27,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, metadata: dict | None = None) -> Path:
-    """Write the adapters of ``model`` to ``directory``; ``metadata`` lands in the JSON under ``base_model``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the adapters of ``model`` to ``directory``; ``metadata`` goes into the JSON's ``base_model``."""
     config = getattr(model, "molora_config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no MoLoRA adapters to save; call inject_molora first")
     base = {"model_type": getattr(getattr(model, "config", None), "model_type", None), **(metadata or {})}
+    return write_adapter(directory, config, adapter_state_dict(model), base)
+
+
+def write_adapter(directory: str | Path, config: MoLoRAConfig, tensors: dict[str, torch.Tensor], base: dict) -> Path:
+    """The adapter directory format: ``adapter_config.json`` (MoLoRA config + base model) and the tensors."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     payload = {"molora": config.to_dict(), "base_model": base}
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
     return directory
 
 
