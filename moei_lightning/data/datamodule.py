@@ -129,14 +129,13 @@ class MoEIDataModule(LightningDataModule):
         self._encoder: Encoder | None = None
         self.reports: dict[str, DataReport] = {}
         self._examples: dict[str, list[Example]] = {}
-        self._n_ei: dict[str, int] = {}
 
     def attach(self, tokenizer: Any, kind: Kind) -> None:
-        """Use ``tokenizer`` and model ``kind`` without a Trainer; any earlier tokenisation is dropped."""
+        """Use ``tokenizer`` and model ``kind`` (instead of the module's); earlier tokenisation is dropped."""
         self.tokenizer, self.kind = tokenizer, kind
         self.formatter = PromptFormatter(self.prompt_template, self.system_prompt, self.use_chat_template, tokenizer)
         self._encoder = Encoder(tokenizer, self.formatter, kind, self.max_length)
-        self.reports, self._examples, self._n_ei = {}, {}, {}
+        self.reports, self._examples = {}, {}
 
     def setup(self, stage: str) -> None:
         """Load, validate and tokenise the splits ``stage`` needs; print what was kept, cut or skipped."""
@@ -151,16 +150,10 @@ class MoEIDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Mixed EI/GI batches from :class:`MixedBatchSampler`, sharded by this process's rank."""
-        examples = self._ready("train")
-        rank, world_size = self._rank()
+        examples = self.examples("train")
+        n_ei = sum(e.record.domain == "ei" for e in examples)
         sampler = MixedBatchSampler(
-            self._n_ei["train"],
-            len(examples) - self._n_ei["train"],
-            self.batch_size,
-            self.gi_ratio,
-            self.seed,
-            rank,
-            world_size,
+            n_ei, len(examples) - n_ei, self.batch_size, self.gi_ratio, self.seed, *self._rank()
         )
         return self._loader(examples, sampler, Collator(self._pad_id(), self.kind, "right"))
 
@@ -176,8 +169,15 @@ class MoEIDataModule(LightningDataModule):
         """The test set, as for :meth:`test_dataloader`."""
         return self._eval_loader("test")
 
+    def examples(self, split: str) -> list[Example]:
+        """The tokenised examples of a prepared split (``train``, ``val``, ``test``): EI first, then GI."""
+        if split not in self._examples:
+            calls = " or ".join(f"setup({stage!r})" for stage, splits in _STAGE_SPLITS.items() if split in splits)
+            raise DataError(f"the {split} split is not prepared yet; call {calls} first")
+        return self._examples[split]
+
     def _eval_loader(self, split: str) -> DataLoader | list[DataLoader]:
-        examples = self._ready(split)
+        examples = self.examples(split)
         if not examples:
             return []
         sampler = EvalBatchSampler(len(examples), self.eval_batch_size, *self._rank())
@@ -209,7 +209,6 @@ class MoEIDataModule(LightningDataModule):
         examples, report = self._encoder.encode(ei + gi, split)
         report.capped = loaded - len(ei) - len(gi)
         self._examples[split] = examples
-        self._n_ei[split] = sum(e.record.domain == "ei" for e in examples)
         self.reports[split] = report
 
     def _load(self, domain: str, split: str) -> list[EiRecord]:
@@ -228,12 +227,6 @@ class MoEIDataModule(LightningDataModule):
             return records
         keep = sorted(random.Random(f"cap:{self.seed}").sample(range(len(records)), self.max_train_examples))
         return [records[i] for i in keep]
-
-    def _ready(self, split: str) -> list[Example]:
-        if split not in self._examples:
-            stage = "fit" if split == "train" else "validate, test or predict"
-            raise DataError(f"the {split} split is not prepared; call setup({stage!r}) first")
-        return self._examples[split]
 
     def _rank(self) -> tuple[int, int]:
         """This process's rank and the world size; the sampler flag is checked here, where it matters."""
