@@ -18,7 +18,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from moei_lightning.data import MoEIDataModule
+from moei_lightning.data import DataError, MoEIDataModule
 from moei_lightning.module import MoEIModule
 
 RUN_DIR_ENV = "MOEI_RUN_DIR"
@@ -86,11 +86,15 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
         return None
     # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return MoEICLI(
-        MoEIModule,
-        MoEIDataModule,
-        args=args,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        trainer_defaults={"use_distributed_sampler": False},
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        return MoEICLI(
+            MoEIModule,
+            MoEIDataModule,
+            args=args,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+        )
+    except (DataError, FileNotFoundError) as err:  # bad input files: the message says where, no stack trace
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

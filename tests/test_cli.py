@@ -1,0 +1,98 @@
+"""The command line as a user runs it: subprocess fits, the files they leave, and config errors."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moei_lightning.backbone import BackboneConfig, load_backbone
+from moei_lightning.cli import MoEICLI
+from moei_lightning.data import MoEIDataModule
+from moei_lightning.export import ADAPTER_PARAMS
+from moei_lightning.module import MoEIModule
+from moei_lightning.molora import load_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MOEI_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "moei_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-t5.yaml"])
+def test_fit_leaves_adapter_checkpoint_config_and_offline_wandb_run(config: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "fit",
+        "--config",
+        str(REPO / "conf" / config),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+        f"--run_dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "config.yaml").is_file()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(k.endswith(ADAPTER_PARAMS) and "base_layer" not in k for k in keys)
+    backbone = load_backbone(BackboneConfig(name_or_path=checkpoint["hyper_parameters"]["backbone"]["name_or_path"]))
+    assert not set(keys) & {f"model.{name}" for name, _ in backbone.named_parameters()}
+    wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert wandb_files and os.path.getsize(wandb_files[0]) > 0
+
+    exported = run_cli("export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    model = load_adapter(backbone, tmp_path / "adapter")
+    for key, tensor in checkpoint["state_dict"].items():
+        assert torch.equal(model.get_parameter(key.removeprefix("model.")), tensor)
+
+
+def test_runs_get_their_own_directories(tmp_path: Path) -> None:
+    first = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--print_config", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert not (tmp_path / "runs").exists()  # printing the config starts no run
+
+
+@pytest.mark.parametrize("mode", ["omegaconf", "omegaconf+"])
+def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path) -> None:
+    args = ["--config", str(REPO / "conf" / "tiny.yaml"), "--seed_everything=7", f"--run_dir={tmp_path}"]
+    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": mode})
+    assert cli.config.seed_everything == 7
+    # omegaconf resolves ${seed_everything} when the file is read, before the override;
+    # omegaconf+ (what python -m moei_lightning uses) resolves after merging every source.
+    assert cli.config.data.seed == (7 if mode == "omegaconf+" else 42)
+    assert cli.datamodule.seed == cli.config.data.seed
+
+
+def test_bad_config_key_names_the_key(tmp_path: Path) -> None:
+    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.lambda_intr=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "lambda_intr" in result.stderr
+
+
+def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    good = '{"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}'
+    bad.write_text(good + "\n" + good.replace("perception", "telepathy") + "\n")
+    result = run_cli(
+        "fit",
+        "--config",
+        str(REPO / "conf" / "tiny.yaml"),
+        f"--data.ei_train=[{bad}]",
+        f"--run_dir={tmp_path}/r",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert f"{bad}:2" in result.stderr and "aspect" in result.stderr
+    assert "Traceback" not in result.stderr
