@@ -1,6 +1,7 @@
 """Test-wide settings: no network, no W&B account, and the location of the shared benchmark data."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Preset tokenizers are trained into this cache; tests and their subprocesses share a throwaway one.
+os.environ.setdefault("MOEI_CACHE", tempfile.mkdtemp(prefix="moei-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "data"))
