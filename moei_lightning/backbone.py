@@ -339,6 +339,7 @@ def _preset_model(preset: str, attn_implementation: str | None) -> PreTrainedMod
             num_key_value_heads=4,
             vocab_size=len(tokenizer),
             max_position_embeddings=512,
+            initializer_range=0.2,  # wide enough logits that adapters on a frozen random model visibly learn
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.unk_token_id,  # the pad load_tokenizer chooses

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Any, Literal
 
 import torch
@@ -188,8 +189,11 @@ class MoEIModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._trainable_names()}
+        checkpoint["rng_states"] = rng_states()  # adapter dropout continues its stream after a resume
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
         if self.model is None:
             self.configure_model()
         expected, saved = self._trainable_names(), set(checkpoint["state_dict"])
@@ -202,6 +206,21 @@ class MoEIModule(LightningModule):
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
+
+
+def rng_states() -> dict[str, Any]:
+    """The random states that adapter dropout and data code draw from."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def adapter_config(adapter: AdapterKind, molora: MoLoRAConfig) -> MoLoRAConfig | None:

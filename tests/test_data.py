@@ -348,8 +348,13 @@ def test_setup_reads_tokenizer_and_kind_from_the_module(tmp_path, llama_tok):
     dm.setup("fit")
     assert dm.reports["train"].capped == 10  # 20 EI -> 10; the 6 GI are under the cap
     assert [e.record.domain for e in dm.examples("train")] == ["ei"] * 10 + ["gi"] * 6
+    progress = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace())))
+    progress.epoch_loop.batch_progress.current.completed = 0  # a fresh epoch
     dm.trainer = SimpleNamespace(
-        global_rank=1, world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+        global_rank=1,
+        world_size=2,
+        _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
+        fit_loop=progress,
     )
     with pytest.raises(DataError, match="use_distributed_sampler: false"):
         dm.train_dataloader()

@@ -100,8 +100,7 @@ def test_small_folder(tmp_path):
         language="en",
         prompt_instruction=emotion.prompt_instruction,
         prompt_input=(
-            "Scenario: Ann lost her keys.\n"
-            "Question: What emotion would Ann ultimately feel in this situation?"
+            "Scenario: Ann lost her keys.\nQuestion: What emotion would Ann ultimately feel in this situation?"
         ),
         choices=["Joy", "Worry"],
         answer_index=1,

@@ -32,9 +32,7 @@ def reply(first: dict[str, int], revised: dict[str, int]) -> str:
 
 def make_questions(n: int) -> dict[str, Question]:
     reference = {"Angry": 7, "Calm": 0, "Proud": 3, "Scared": 5}
-    return {
-        str(i): Question(id=str(i), prompt=f"prompt {i}", reference=dict(reference)) for i in range(1, n + 1)
-    }
+    return {str(i): Question(id=str(i), prompt=f"prompt {i}", reference=dict(reference)) for i in range(1, n + 1)}
 
 
 def off_by(reference: dict[str, int], d: int) -> dict[str, int]:
@@ -47,9 +45,7 @@ def off_by(reference: dict[str, int], d: int) -> dict[str, int]:
 def test_recorded_runs_rescored_from_raw_replies(shared_data, run_file):
     folder = shared_data / "eq-bench"
     recorded = json.loads((folder / run_file).read_text(encoding="utf-8"))
-    run = score_run(
-        load_responses(folder / run_file), load_questions(folder / "eq_bench_v2_questions_171.json")
-    )
+    run = score_run(load_responses(folder / run_file), load_questions(folder / "eq_bench_v2_questions_171.json"))
     assert abs(run.score - recorded["benchmark_score"]) < 0.01
     assert round(run.score, 2) == recorded["benchmark_score"]
     assert run.parseable == recorded["n_questions_parseable"]
@@ -153,8 +149,7 @@ def test_revision_ignored_when_it_loses_parseable_replies():
     questions = make_questions(20)
     broken = {"Angry": 7}
     responses = {
-        qid: reply(off_by(q.reference, 3), broken if qid in {"1", "2"} else q.reference)
-        for qid, q in questions.items()
+        qid: reply(off_by(q.reference, 3), broken if qid in {"1", "2"} else q.reference) for qid, q in questions.items()
     }
     result = score_responses(responses, questions)
     assert result.revised_parseable == 18 < 0.95 * result.first_pass_parseable

@@ -15,10 +15,12 @@ shard by ``trainer.global_rank`` / ``trainer.world_size`` themselves (see
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -31,6 +33,9 @@ from moei_lightning.data.sampling import EvalBatchSampler, MixedBatchSampler
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 """The bundled sample data: ``{ei,gi}/{train,val,test}.jsonl``."""
+
+# The training sampler resumes mid-epoch exactly (see sampling.py), which Lightning cannot tell.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -155,6 +160,8 @@ class MoEIDataModule(LightningDataModule):
         sampler = MixedBatchSampler(
             n_ei, len(examples) - n_ei, self.batch_size, self.gi_ratio, self.seed, *self._rank()
         )
+        if self.trainer is not None:
+            sampler.batches_done = self._batches_done
         return self._loader(examples, sampler, Collator(self._pad_id(), self.kind, "right"))
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -187,7 +194,20 @@ class MoEIDataModule(LightningDataModule):
     def _loader(
         self, examples: list[Example], sampler: MixedBatchSampler | EvalBatchSampler, collator: Collator
     ) -> DataLoader:
-        return DataLoader(examples, batch_sampler=sampler, collate_fn=collator, num_workers=self.num_workers)
+        # Its own generator: starting an iterator must not draw from the global RNG that adapter dropout
+        # uses, or a run resumed from a checkpoint would see other dropout masks than an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            examples,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches finished in the current epoch, from the Trainer's progress (restored on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def _attach_from_trainer(self) -> None:
         module = getattr(self.trainer, "lightning_module", None)

@@ -21,6 +21,12 @@ and the matching GI stream positions. One rank with batch ``W*b`` therefore sees
 at every step as ``W`` ranks with batch ``b``, whenever ``round(W*b*gi_ratio) == W*round(b*gi_ratio)``
 and ``W`` divides ``M`` (otherwise the single rank's last step is left out instead of wrapped).
 
+Resuming mid-epoch: ``batches_done`` (set by the DataModule to read the Trainer's progress of the
+current epoch, restored from the checkpoint) is read when a pass starts, and the pass begins after
+those batches; in a fresh epoch it is 0. The Trainer is the source of truth because Lightning
+fetches a batch ahead, and because it builds the training loader before it restores a checkpoint
+(to count the scheduler's steps), so a loader-side ``load_state_dict`` would come too late.
+
 Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler), which is why
 the epoch lives in :class:`EpochPermutation` and the mixing sampler exposes it as ``.sampler``.
 Lightning must not inject its own ``DistributedSampler``: the Trainer needs
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch.utils.data import Sampler
 
@@ -113,6 +119,7 @@ class MixedBatchSampler(Sampler[list[int]]):
             )
         self.sampler = EpochPermutation(n_ei, seed, "ei")
         self._gi_order = EpochPermutation(n_gi, seed, "gi")
+        self.batches_done: Callable[[], int] = lambda: 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle of ``epoch`` (Lightning reaches it through ``self.sampler``)."""
@@ -125,7 +132,8 @@ class MixedBatchSampler(Sampler[list[int]]):
         self._gi_order.set_epoch(self.sampler.epoch)
         ei = self.sampler.permutation()
         gi = self._gi_stream(len(self) * self.world_size * self.gi)
-        for step in range(len(self)):
+        start = self.batches_done()  # a run resumed mid-epoch continues after the batches it trained on
+        for step in range(start if start < len(self) else 0, len(self)):
             slot = step * self.world_size + self.rank
             chunk = slot % self.micro_batches
             ei_part = ei[chunk * self.ei : (chunk + 1) * self.ei]
