@@ -23,10 +23,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
 from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora
 
 AdapterKind = Literal["molora", "lora", "full"]
-IGNORE_INDEX = -100
 
 
 class MoEIModule(LightningModule):
@@ -102,25 +102,10 @@ class MoEIModule(LightningModule):
         """What a checkpoint holds: every trainable tensor (the adapters), never the frozen backbone."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Token logits for a batch of the DataModule's contract."""
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.kind == "seq2seq":
-            labels = batch["labels"]
-            kwargs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            kwargs["decoder_attention_mask"] = (labels != IGNORE_INDEX).long()
-        return self.model(**kwargs, use_cache=False).logits
-
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Every loss term and their weighted sum under ``loss``."""
-        logits = self(batch)
-        labels = batch["labels"]
-        if self.kind == "causal":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        ).view(labels.shape)
-        supervised = labels != IGNORE_INDEX
+        logprobs, supervised = sequence_logprobs(self.model, batch, self.kind)
+        token_loss = -logprobs
         is_ei = batch["domain"].bool()[:, None]
         terms = {
             "lm_ei": masked_mean(token_loss, supervised & is_ei),
@@ -162,19 +147,9 @@ class MoEIModule(LightningModule):
             for i, t, a, p, r in zip(batch["id"], batch["task"], batch["aspect"], texts, batch["target"])
         ]
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy, deterministic generation; causal prompts are padded on the left."""
-        encoded = encode_prompts(self.tokenizer, prompts, self.kind).to(self.device)
-        output = self.model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        if self.kind == "causal":
-            output = output[:, encoded["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        """Greedy, deterministic continuations of ``prompts``."""
+        return generate_texts(self.model, self.tokenizer, self.kind, prompts, max_new_tokens or self.max_new_tokens)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -272,15 +247,3 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Any:
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
-
-
-def encode_prompts(tokenizer: Any, prompts: list[str], kind: str) -> Any:
-    """Tokenise prompts for generation: left padding for causal models, and no second BOS.
-
-    Prompts rendered by a chat template already begin with BOS, so special tokens are added only
-    when the text does not start with the tokenizer's BOS.
-    """
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and all(p.startswith(bos) for p in prompts))
-    side = "left" if kind == "causal" else "right"
-    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side, add_special_tokens=add_special)

@@ -1,0 +1,137 @@
+"""Model-side scoring shared by training, per-aspect metrics and the evaluation harness.
+
+- :func:`sequence_logprobs`: log-probability of every label token of a batch (causal or seq2seq).
+- :func:`choice_loglikelihoods`: multiple choice by log-likelihood, as lm-evaluation-harness does it:
+  each choice is scored as the target of the record's own prompt (formatted and tokenised exactly as
+  in training, without the trailing EOS), and the answer is the choice with the highest
+  log-likelihood per character (``acc_norm``); the raw sum is kept too.
+- :func:`generate_texts`: greedy, batched, deterministic generation; causal prompts padded on the left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moei_lightning.data import IGNORE_INDEX, Collator, EiRecord, Encoder
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs, mask)``, both (B, T): log p(label token) where ``mask`` marks supervised positions."""
+    labels = batch["labels"]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if kind == "seq2seq":
+        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        kwargs["decoder_attention_mask"] = (labels != IGNORE_INDEX).long()
+    logits = model(**kwargs).logits
+    if kind == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    token_loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
+    )
+    return -token_loss.view(labels.shape) * mask, mask
+
+
+@dataclasses.dataclass
+class ChoiceScores:
+    """Log-likelihood of every choice of one record; ``predicted`` is the acc_norm answer."""
+
+    logprobs: list[float]
+    tokens: list[int]
+    chars: list[int]
+
+    @property
+    def predicted(self) -> int:
+        normalised = [lp / max(1, n) for lp, n in zip(self.logprobs, self.chars)]
+        return max(range(len(normalised)), key=normalised.__getitem__)
+
+    @property
+    def predicted_unnormalised(self) -> int:
+        return max(range(len(self.logprobs)), key=self.logprobs.__getitem__)
+
+
+@torch.no_grad()
+def choice_loglikelihoods(
+    model: nn.Module, encoder: Encoder, records: list[EiRecord], batch_size: int = 16
+) -> list[ChoiceScores]:
+    """Score every choice of every record (records without choices are an error)."""
+    variants = []
+    for record in records:
+        if not record.choices:
+            raise ValueError(f"{record.source or record.id}: no choices to score")
+        variants += [dataclasses.replace(record, output=choice) for choice in record.choices]
+    examples, _ = encoder.encode(variants, "choices")
+    if len(examples) != len(variants):
+        raise ValueError("a choice could not be encoded within data.max_length; raise it to score every choice")
+    # Drop the EOS: a choice's likelihood is that of its text, as in lm-evaluation-harness.
+    examples = [dataclasses.replace(e, labels=_without_last_label(e.labels)) for e in examples]
+    collate = Collator(_pad_id(encoder.tokenizer), encoder.kind, "right")
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logprobs, mask = sequence_logprobs(model, batch, encoder.kind)
+        sums += logprobs.sum(-1).tolist()
+        counts += mask.sum(-1).tolist()
+    scores, at = [], 0
+    for record in records:
+        n = len(record.choices)
+        chars = [len(c) for c in record.choices]
+        scores.append(ChoiceScores(sums[at : at + n], counts[at : at + n], chars))
+        at += n
+    return scores
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    kind: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, in order; ``synced_gpus`` keeps sharded ranks stepping together."""
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], kind).to(device)
+        generated = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
+        )
+        if kind == "causal":
+            generated = generated[:, encoded["input_ids"].shape[1] :]
+        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [text.strip() for text in outputs]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], kind: str) -> Any:
+    """Tokenise prompts for generation: left padding for causal models, and no second BOS.
+
+    Prompts rendered by a chat template already begin with BOS, so special tokens are added only
+    when the text does not start with the tokenizer's BOS.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and all(p.startswith(bos) for p in prompts))
+    side = "left" if kind == "causal" else "right"
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side, add_special_tokens=add_special)
+
+
+def _without_last_label(labels: list[int]) -> list[int]:
+    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return [*labels[:last], IGNORE_INDEX, *labels[last + 1 :]]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
