@@ -5,7 +5,7 @@ import sys
 from tests.test_cli import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from checkpoint_size import sizes  # noqa: E402
+from checkpoint_size import sizes
 
 
 def test_llama2_13b_adapters_are_under_one_percent_of_the_backbone() -> None:
