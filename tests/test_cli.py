@@ -78,7 +78,12 @@ def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path)
 def test_bad_config_key_names_the_key(tmp_path: Path) -> None:
     result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.lambda_intr=1", cwd=tmp_path)
     assert result.returncode != 0
-    assert "lambda_intr" in result.stderr
+    assert "unrecognized arguments: --model.lambda_intr=1" in result.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  lambda_intr: 1\n")
+    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(typo), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "does not accept option 'model.lambda_intr'" in result.stderr
 
 
 def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
