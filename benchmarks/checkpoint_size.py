@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_size.py --config conf/llama2-13b.yaml
 
 The architecture comes from the backbone's ``config.json`` when ``model.backbone.name_or_path`` is
-a local directory, else from the published configuration of the known checkpoints below.
+a local directory, else from ``moei_lightning.architectures.PUBLISHED``.
 """
 
 from __future__ import annotations
@@ -13,55 +13,21 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    LlamaConfig,
-    PretrainedConfig,
-    T5Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
+from moei_lightning.architectures import PUBLISHED
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import MoLoRAConfig, inject_molora
 
-KNOWN: dict[str, PretrainedConfig] = {
-    "meta-llama/Llama-2-7b-chat-hf": LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
-    ),
-    "meta-llama/Llama-2-13b-chat-hf": LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000
-    ),
-    "google/flan-t5-xl": T5Config(
-        d_model=2048,
-        d_ff=5120,
-        d_kv=64,
-        num_heads=32,
-        num_layers=24,
-        vocab_size=32128,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    ),
-    "google/flan-t5-xxl": T5Config(
-        d_model=4096,
-        d_ff=10240,
-        d_kv=64,
-        num_heads=64,
-        num_layers=24,
-        vocab_size=32128,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    ),
-}
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def architecture(name_or_path: str) -> PretrainedConfig:
     if Path(name_or_path).is_dir():
         return AutoConfig.from_pretrained(name_or_path)
-    if name_or_path not in KNOWN:
-        raise SystemExit(f"{name_or_path} is neither a local directory nor one of {sorted(KNOWN)}")
-    return KNOWN[name_or_path]
+    if name_or_path not in PUBLISHED:
+        raise SystemExit(f"{name_or_path} is neither a local directory nor one of {sorted(PUBLISHED)}")
+    return PUBLISHED[name_or_path]
 
 
 def sizes(config_path: Path) -> dict[str, float]:

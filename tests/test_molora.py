@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+from moei_lightning.architectures import PUBLISHED
 from moei_lightning.molora import (
     MoLoRAConfig,
     MoLoRALinear,
@@ -263,24 +264,8 @@ def molora_parameters(d_in: int, d_out: int, k: int, r: int, inter: str) -> int:
 
 
 def test_full_size_parameter_counts_on_meta_device() -> None:
-    llama_config = LlamaConfig(
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        vocab_size=32000,
-    )
-    t5_config = T5Config(
-        d_model=2048,
-        d_ff=5120,
-        num_layers=24,
-        num_decoder_layers=24,
-        num_heads=32,
-        d_kv=64,
-        vocab_size=32128,
-        feed_forward_proj="gated-gelu",
-    )
+    llama_config = PUBLISHED["meta-llama/Llama-2-13b-chat-hf"]
+    t5_config = PUBLISHED["google/flan-t5-xl"]
     with torch.device("meta"):
         llama = inject_molora(LlamaForCausalLM(llama_config), MoLoRAConfig(num_experts=8, rank=8))
         t5 = inject_molora(T5ForConditionalGeneration(t5_config), MoLoRAConfig(num_experts=8, rank=8))
