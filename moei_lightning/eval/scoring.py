@@ -4,7 +4,9 @@
 - :func:`choice_loglikelihoods`: multiple choice by log-likelihood, as lm-evaluation-harness does it:
   each choice is scored as the target of the record's own prompt (formatted and tokenised exactly as
   in training, without the trailing EOS), and the answer is the choice with the highest
-  log-likelihood per character (``acc_norm``); the raw sum is kept too.
+  log-likelihood per character (``acc_norm``); the raw sum is kept too. Its three steps
+  (:func:`choice_examples`, :func:`example_loglikelihoods`, :func:`group_choices`) are public so
+  the evaluation harness can spread the forward passes over ranks.
 - :func:`generate_texts`: greedy, batched, deterministic generation; causal prompts padded on the left.
 """
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moei_lightning.data import IGNORE_INDEX, Collator, EiRecord, Encoder
+from moei_lightning.data import IGNORE_INDEX, Collator, DataReport, EiRecord, Encoder, Example
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,31 +62,60 @@ def choice_loglikelihoods(
     model: nn.Module, encoder: Encoder, records: list[EiRecord], batch_size: int = 16
 ) -> list[ChoiceScores]:
     """Score every choice of every record (records without choices are an error)."""
+    examples, _ = choice_examples(encoder, records)
+    sums, counts = example_loglikelihoods(model, examples, encoder.kind, _pad_id(encoder.tokenizer), batch_size)
+    return group_choices(records, sums, counts)
+
+
+def choice_examples(encoder: Encoder, records: list[EiRecord]) -> tuple[list[Example], DataReport]:
+    """Every choice of every record, in order, as the target of the record's prompt (without the EOS).
+
+    Split from the forward passes so that a caller can spread the examples over ranks; the report
+    counts the prompts that were truncated to fit ``data.max_length``.
+    """
     variants = []
     for record in records:
         if not record.choices:
             raise ValueError(f"{record.source or record.id}: no choices to score")
         variants += [dataclasses.replace(record, output=choice) for choice in record.choices]
-    examples, _ = encoder.encode(variants, "choices")
+    examples, report = encoder.encode(variants, "choices")
     if len(examples) != len(variants):
         raise ValueError("a choice could not be encoded within data.max_length; raise it to score every choice")
     # Drop the EOS: a choice's likelihood is that of its text, as in lm-evaluation-harness.
-    examples = [dataclasses.replace(e, labels=_without_last_label(e.labels)) for e in examples]
-    collate = Collator(_pad_id(encoder.tokenizer), encoder.kind, "right")
+    return [dataclasses.replace(e, labels=_without_last_label(e.labels)) for e in examples], report
+
+
+@torch.no_grad()
+def example_loglikelihoods(
+    model: nn.Module, examples: list[Example], kind: str, pad_id: int, batch_size: int = 16
+) -> tuple[list[float], list[int]]:
+    """Per example: the summed log-probability of its label tokens, and how many there are.
+
+    The number of forward passes depends only on ``len(examples)`` and ``batch_size``, which keeps
+    ranks of a sharded model in step when each is given the same number of examples.
+    """
+    collate = Collator(pad_id, kind, "right")
     device = next(model.parameters()).device
     sums, counts = [], []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        logprobs, mask = sequence_logprobs(model, batch, encoder.kind)
+        logprobs, mask = sequence_logprobs(model, batch, kind)
         sums += logprobs.sum(-1).tolist()
         counts += mask.sum(-1).tolist()
+    return sums, counts
+
+
+def group_choices(records: list[EiRecord], sums: list[float], counts: list[int]) -> list[ChoiceScores]:
+    """Regroup per-choice scores (in :func:`choice_examples` order) into one :class:`ChoiceScores` per record."""
     scores, at = [], 0
     for record in records:
         n = len(record.choices)
         chars = [len(c) for c in record.choices]
         scores.append(ChoiceScores(sums[at : at + n], counts[at : at + n], chars))
         at += n
+    if at != len(sums):
+        raise ValueError(f"{len(sums)} choice scores for records with {at} choices in all")
     return scores
 
 

@@ -1,0 +1,111 @@
+"""Multiple choice by log-likelihood: checked against a brute-force sum and on a case whose answer is known."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
+from moei_lightning.data import Collator, EiRecord, Encoder, PromptFormatter
+from moei_lightning.eval.scoring import (
+    ChoiceScores,
+    choice_examples,
+    choice_loglikelihoods,
+    sequence_logprobs,
+)
+
+PRESETS = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
+
+RECORDS = [
+    EiRecord(
+        id="mood",
+        task="t",
+        domain="ei",
+        aspect="perception",
+        instruction="Classify the feeling in the text.",
+        input="I finally passed the exam after three tries!",
+        output="relieved and proud of myself",
+        choices=["angry", "relieved and proud of myself", "bored", "a little bit sad about the weather"],
+    ),
+    EiRecord(
+        id="sum",
+        task="t",
+        domain="gi",
+        aspect="reasoning",
+        instruction="Pick the right answer.",
+        input="What is two plus three?",
+        output="5",
+        choices=["5", "six", "twenty-three minus eighteen plus one"],
+    ),
+]
+
+
+def setup_model(preset: str) -> tuple[torch.nn.Module, Encoder]:
+    config = BackboneConfig(name_or_path=preset)
+    tokenizer = load_tokenizer(config)
+    formatter = PromptFormatter(tokenizer=tokenizer)
+    return load_backbone(config), Encoder(tokenizer, formatter, PRESETS[preset], max_length=256)
+
+
+def brute_force_logprob(model: torch.nn.Module, encoder: Encoder, prompt: str, choice: str) -> float:
+    """log p(choice | prompt) for one unpadded sequence, written out token by token."""
+    tokenizer = encoder.tokenizer
+    starts_with_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+    choice_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    if encoder.kind == "causal":
+        ids = prompt_ids + choice_ids
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        return sum(float(logp[j - 1, ids[j]]) for j in range(len(prompt_ids), len(ids)))
+    decoder_ids = [model.config.decoder_start_token_id, *choice_ids[:-1]]
+    logits = model(input_ids=torch.tensor([prompt_ids]), decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return sum(float(logp[j, token]) for j, token in enumerate(choice_ids))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_matches_brute_force_sum_over_choices_of_different_lengths(preset: str) -> None:
+    model, encoder = setup_model(preset)
+    scores = choice_loglikelihoods(model, encoder, RECORDS, batch_size=3)  # batches cut across records
+    for record, score in zip(RECORDS, scores):
+        token_counts = [len(encoder.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in record.choices]
+        assert len(set(token_counts)) > 1
+        assert score.tokens == token_counts
+        assert score.chars == [len(c) for c in record.choices]
+        prompt = encoder.formatter.format(record)
+        expected = [brute_force_logprob(model, encoder, prompt, choice) for choice in record.choices]
+        assert score.logprobs == pytest.approx(expected, abs=1e-4)
+        per_char = [lp / len(c) for lp, c in zip(expected, record.choices)]
+        assert score.predicted == per_char.index(max(per_char))
+        assert score.predicted_unnormalised == expected.index(max(expected))
+
+
+def test_acc_norm_divides_by_characters_not_tokens() -> None:
+    scores = ChoiceScores(logprobs=[-10.0, -6.0], tokens=[2, 2], chars=[10, 3])
+    assert scores.predicted == 0  # -1.0 per character beats -2.0
+    assert scores.predicted_unnormalised == 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fine_tuned_choice_wins(preset: str) -> None:
+    """Train the whole tiny model on one choice that it did not prefer; scoring must then pick it."""
+    torch.manual_seed(0)
+    model, encoder = setup_model(preset)
+    record = RECORDS[0]
+    before = choice_loglikelihoods(model, encoder, [record])[0].predicted
+    answer = (before + 1) % len(record.choices)
+    examples, _ = choice_examples(encoder, [dataclasses.replace(record, choices=[record.choices[answer]])])
+    batch = Collator(encoder.tokenizer.pad_token_id, encoder.kind)(examples)
+    model.requires_grad_(True).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        logprobs, mask = sequence_logprobs(model, batch, encoder.kind)
+        loss = -logprobs.sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    after = choice_loglikelihoods(model, encoder, [record])[0]
+    assert after.predicted == answer
+    assert after.predicted_unnormalised == answer
