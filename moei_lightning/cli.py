@@ -34,6 +34,12 @@ class MoEICLI(LightningCLI):
             default=None,
             help="Directory for this run's config, checkpoints and logs (default: runs/<timestamp>-<subcommand>).",
         )
+        # Router statistics, per-aspect metrics and the progress bar for every config (docs/monitoring.md).
+        from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback
+
+        parser.add_lightning_class_args(RouterStatsCallback, "router_stats")
+        parser.add_lightning_class_args(EiMetricsCallback, "ei_metrics")
+        parser.add_lightning_class_args(MoEIProgressBar, "progress_bar")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -107,7 +107,7 @@ class GenerationMetrics(nn.Module):
         self.bleu4.update(list(predictions), [[r] for r in references])
         per_sample = [rouge_f(p, r) for p, r in zip(predictions, references)]
         for key, metric in self.rouge.items():
-            metric.update(torch.tensor([s[key] for s in per_sample], dtype=torch.float32))
+            metric.update(torch.tensor([s[key] for s in per_sample], dtype=torch.float32, device=metric.device))
         for metric in self.distinct.values():
             metric.update(predictions)
 
