@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moei_lightning.backbone import BackboneConfig, load_backbone
-from moei_lightning.cli import MoEICLI
+from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, resolve_run_dir
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
@@ -58,10 +58,17 @@ def test_fit_leaves_adapter_checkpoint_config_and_offline_wandb_run(config: str,
         assert torch.equal(model.get_parameter(key.removeprefix("model.")), tensor)
 
 
-def test_runs_get_their_own_directories(tmp_path: Path) -> None:
-    first = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--print_config", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_runs_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    printed = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
     assert not (tmp_path / "runs").exists()  # printing the config starts no run
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    first = resolve_run_dir(None, "fit")
+    assert resolve_run_dir(None, "fit") == first  # a DDP worker inherits its launcher's directory
+    monkeypatch.delenv(RUN_DIR_ENV)
+    second = resolve_run_dir(None, "fit")  # a new run in the same second
+    assert second != first and first.is_dir() and second.is_dir()
 
 
 @pytest.mark.parametrize("mode", ["omegaconf", "omegaconf+"])
