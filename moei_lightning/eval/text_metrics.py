@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.text import rouge_score
 from torchmetrics.text import BLEUScore
+from torchmetrics.utilities import dim_zero_cat
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 GENERATION_KEYS = ("bleu4", *ROUGE_KEYS, "distinct1", "distinct2")
@@ -47,13 +48,21 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def _ngram_id(gram: tuple[str, ...]) -> int:
-    """A 63-bit id that is the same in every process (Python's ``hash`` of a str is salted per process)."""
+    """A 52-bit id, the same in every process (Python's ``hash`` of a str is salted per process).
+
+    52 bits fit a float64 exactly; a collision among a million distinct n-grams has odds near 1e-4.
+    """
     digest = hashlib.blake2b("\x1f".join(gram).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return int.from_bytes(digest, "little") >> 12
 
 
 class DistinctN(Metric):
-    """Corpus Distinct-n across batches and ranks: n-gram ids are concatenated, then counted once."""
+    """Corpus Distinct-n across batches and ranks: n-gram ids are concatenated, then counted once.
+
+    The ids are a list state, which torchmetrics concatenates into one tensor per rank before a
+    single gather (uneven lengths are padded), and replaces by an empty tensor of the metric's dtype
+    on a rank without data. So the ids travel as float64, the dtype of the whole metric.
+    """
 
     full_state_update = False
     higher_is_better = True
@@ -64,20 +73,20 @@ class DistinctN(Metric):
         if n < 1:
             raise ValueError(f"DistinctN needs n >= 1, got {n}")
         self.n = n
-        self.add_state("ids", torch.zeros(0, dtype=torch.long), dist_reduce_fx="cat")
+        self.add_state("ids", [], dist_reduce_fx="cat")
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.set_dtype(torch.float64)
 
     def update(self, texts: Sequence[str]) -> None:
         grams = [g for text in texts for g in _ngrams(_tokens(text), self.n)]
         # Ids unique within this update only: the union across batches and ranks is taken in compute.
-        ids = torch.tensor(sorted({_ngram_id(g) for g in grams}), dtype=torch.long, device=self.ids.device)
-        self.ids = torch.cat([self.ids, ids])
+        self.ids.append(torch.tensor(sorted({_ngram_id(g) for g in grams}), dtype=torch.float64, device=self.device))
         self.total += len(grams)
 
     def compute(self) -> Tensor:
         if self.total == 0:
             return torch.tensor(0.0, device=self.total.device)
-        return torch.unique(self.ids).numel() / self.total
+        return torch.unique(dim_zero_cat(self.ids)).numel() / self.total
 
 
 def rouge_f(prediction: str, reference: str) -> dict[str, float]:
