@@ -40,6 +40,10 @@ class MoEICLI(LightningCLI):
         parser.add_lightning_class_args(RouterStatsCallback, "router_stats")
         parser.add_lightning_class_args(EiMetricsCallback, "ei_metrics")
         parser.add_lightning_class_args(MoEIProgressBar, "progress_bar")
+        # The paper's evaluation when `test` runs (docs/evaluation.md); it does nothing until eval.suites lists some.
+        from moei_lightning.eval.callback import PaperEvaluation
+
+        parser.add_lightning_class_args(PaperEvaluation, "eval")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -1,0 +1,285 @@
+"""From per-item outcomes to the report's tables: per task, per EI aspect and GI dimension, per benchmark.
+
+How each number is made (docs/evaluation.md says the same for users):
+
+- Accuracy is ``acc_norm`` in percent: the choice with the highest log-likelihood per character.
+- Open EiBench tasks: BLEU-4, ROUGE-L and Distinct-1/2 in percent (:mod:`moei_lightning.eval.text_metrics`),
+  corpus-level per task.
+- A task's score is its accuracy (choice tasks) or its ROUGE-L (open tasks). An EI aspect or a GI
+  dimension scores the mean of its tasks' scores, so one large task does not drown the others; ``n``
+  counts items. The EI and GI averages are means over the aspects or dimensions present.
+- EmoBench: accuracy per task over the configured languages; its average is the mean over tasks.
+- EQ-Bench v2: the benchmark's own 0-100 score; unparseable replies are counted, never dropped.
+- EmotionPrompt: GI accuracy under each stimulus and its mean over stimuli, minus the plain accuracy
+  (percentage points); the mean inter gate over the same prompts, plain and with stimuli.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from moei_lightning.data import EI_ASPECTS, GI_ASPECTS
+from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome, Results
+from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
+from moei_lightning.eval.text_metrics import score_generations
+
+EMOBENCH_TASKS = ("EU-emotion", "EU-cause", "EA")
+_SOURCES = {"eibench": "EiBench JSONL", "gi": "GI JSONL", "mmlu": "MMLU CSV", "emobench": "EmoBench"}
+_NO_GATE = "no inter gate (model.adapter full or lora, or molora.inter none)"
+
+
+def build_report(
+    names: list[str],
+    results: Results,
+    config: Mapping[str, object],
+    stimuli: Mapping[str, str],
+    limit: int | None = None,
+) -> Report:
+    """The report of the suites in ``names``, in that order; ``limit`` is the per-task cap of a quick run."""
+    summary = Table(
+        "Summary",
+        SUMMARY_COLUMNS,
+        note="Scores in percent (EQ-Bench: its 0-100 score; inter gate: 0-1). n counts items.",
+    )
+    report = Report(summary, config=dict(config))
+    if limit is not None:
+        report.notes.append(
+            f"Quick run (eval.limit={limit}): at most {limit} items per task and language, and the first "
+            f"{limit} EQ-Bench questions; these scores are not comparable with full runs."
+        )
+    if "eibench" in names:
+        _eibench(results.eibench, results.eibench_open, report)
+    if "gi" in names:
+        _gi(results.gi, report)
+    if "eqbench" in names and results.eqbench is not None:
+        _eqbench(results, report)
+    if "emobench" in names:
+        _emobench(results.emobench, report)
+    if "emotion_prompt" in names:
+        _emotion_prompt(results.gi, results.emotion_prompt, stimuli, report)
+    max_length = config.get("data", {}).get("max_length") if isinstance(config.get("data"), dict) else None
+    for suite, cut in results.truncated.items():
+        if cut:
+            report.notes.append(
+                f"{suite}: {cut} of {results.scored[suite]} scored sequences (prompt + choice) had their prompt "
+                f"cut from the left to data.max_length={max_length} tokens."
+            )
+    return report
+
+
+def accuracy(outcomes: list[ChoiceOutcome]) -> float:
+    """Percent of outcomes whose acc_norm answer is right."""
+    return 100.0 * sum(o.correct for o in outcomes) / len(outcomes)
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the values, or None when there is none or any is missing."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def generation_scores(outcomes: list[OpenOutcome]) -> dict[str, float]:
+    """Text metrics of the predictions against their references, in percent."""
+    scores = score_generations([o.prediction for o in outcomes], [o.item.record.output for o in outcomes])
+    return {key: 100.0 * value for key, value in scores.items()}
+
+
+def _eibench(choice: list[ChoiceOutcome], open_: list[OpenOutcome], report: Report) -> None:
+    tasks: dict[tuple[str, str, str], list] = defaultdict(list)
+    for outcome in choice:
+        tasks[(outcome.item.group, outcome.item.task, "choice")].append(outcome)
+    for outcome in open_:
+        tasks[(outcome.item.group, outcome.item.task, "open")].append(outcome)
+    task_rows, task_scores = [], defaultdict(list)
+    for aspect, task, kind in sorted(tasks, key=lambda k: (EI_ASPECTS.index(k[0]), k[1], k[2])):
+        outcomes = tasks[(aspect, task, kind)]
+        if kind == "choice":
+            score = accuracy(outcomes)
+            task_rows.append([task, aspect, kind, len(outcomes), score, None, None, None, None])
+        else:
+            m = generation_scores(outcomes)
+            score = m["rougeL"]
+            task_rows.append(
+                [task, aspect, kind, len(outcomes), None, m["bleu4"], m["rougeL"], m["distinct1"], m["distinct2"]]
+            )
+        task_scores[aspect].append((kind, score))
+    report.tables["eibench"] = Table(
+        "EiBench (EI) tasks",
+        ["task", "aspect", "type", "n", "accuracy", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2"],
+        task_rows,
+        note="Choice tasks: acc_norm. Open tasks: greedy generation, corpus BLEU-4, mean ROUGE-L F, Distinct-1/2.",
+    )
+    aspect_rows, aspect_scores = [], []
+    for aspect in [a for a in EI_ASPECTS if a in task_scores]:
+        in_aspect_choice = [o for o in choice if o.item.group == aspect]
+        in_aspect_open = [o for o in open_ if o.item.group == aspect]
+        m = generation_scores(in_aspect_open) if in_aspect_open else {}
+        score = mean(s for _, s in task_scores[aspect])
+        aspect_scores.append(score)
+        aspect_rows.append(
+            [
+                aspect,
+                len(task_scores[aspect]),
+                len(in_aspect_choice),
+                accuracy(in_aspect_choice) if in_aspect_choice else None,
+                len(in_aspect_open),
+                m.get("bleu4"),
+                m.get("rougeL"),
+                m.get("distinct1"),
+                m.get("distinct2"),
+                score,
+            ]
+        )
+        kinds = [k for k, _ in task_scores[aspect]]
+        note = ", ".join(
+            f"{kinds.count(k)} {k} task{'s' * (kinds.count(k) != 1)} ({metric})"
+            for k, metric in (("choice", "accuracy"), ("open", "ROUGE-L"))
+            if k in kinds
+        )
+        n = len(in_aspect_choice) + len(in_aspect_open)
+        report.summary.rows.append(["EI", aspect, score, n, f"mean of {note}"])
+    report.summary.rows.append(
+        ["EI", "average", mean(aspect_scores), len(choice) + len(open_), f"mean of {len(aspect_scores)} aspects"]
+    )
+    report.tables["eibench_aspects"] = Table(
+        "EiBench (EI) aspects",
+        ["aspect", "tasks", "n choice", "accuracy", "n open", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2", "score"],
+        aspect_rows,
+        note="accuracy and text metrics pooled over the aspect's items; score is the mean of its tasks' scores.",
+    )
+
+
+def _gi(outcomes: list[ChoiceOutcome], report: Report) -> None:
+    tasks: dict[tuple[str, str, str], list[ChoiceOutcome]] = defaultdict(list)
+    for outcome in outcomes:
+        tasks[(outcome.item.group, outcome.item.task, outcome.item.source)].append(outcome)
+    rows, by_dimension = [], defaultdict(list)
+    for dimension, task, source in sorted(tasks, key=lambda k: (GI_ASPECTS.index(k[0]), k[1], k[2])):
+        group = tasks[(dimension, task, source)]
+        rows.append([task, dimension, _SOURCES[source], len(group), accuracy(group)])
+        by_dimension[dimension].append(group)
+    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], rows, note="acc_norm.")
+    scores = []
+    for dimension in [d for d in GI_ASPECTS if d in by_dimension]:
+        groups = by_dimension[dimension]
+        score = mean(accuracy(g) for g in groups)
+        scores.append(score)
+        n = sum(len(g) for g in groups)
+        report.summary.rows.append(["GI", dimension, score, n, f"mean of {len(groups)} task(s), accuracy"])
+    report.summary.rows.append(["GI", "average", mean(scores), len(outcomes), f"mean of {len(scores)} dimensions"])
+
+
+def _eqbench(results: Results, report: Report) -> None:
+    outcome = results.eqbench
+    result, asked, available = outcome.result, outcome.result.n_questions, outcome.questions.available
+    coverage = f"first {asked} of {available} questions (eval.limit)" if asked < available else f"all {asked} questions"
+    parse_note = f"{result.parseable} of {asked} parseable ({result.chosen_pass.replace('_', ' ')})"
+    report.summary.rows.append(["EQ-Bench v2", "score", result.score, asked, f"{parse_note}; {coverage}"])
+    report.summary.rows.append(["EQ-Bench v2", "parseable", result.parseable, asked, parse_note])
+    unparseable = list(result.unparseable_ids)
+    shown = ", ".join(unparseable[:30]) + (f", ... ({len(unparseable)} in all)" if len(unparseable) > 30 else "")
+    report.tables["eqbench"] = Table(
+        "EQ-Bench v2",
+        ["measure", "value"],
+        [
+            ["score", result.score],
+            ["first pass score", result.first_pass_score],
+            ["revised score", result.revised_score],
+            ["chosen pass", result.chosen_pass],
+            ["parseable (chosen pass)", f"{result.parseable} of {asked}"],
+            ["parseable (first pass)", f"{result.first_pass_parseable} of {asked}"],
+            ["parseable (revised)", f"{result.revised_parseable} of {asked}"],
+            ["questions asked", f"{coverage} in {outcome.questions.path}"],
+            ["unparseable question ids", shown or "none"],
+        ],
+        note="Greedy replies to the prompts through the chat template, scored as the reference harness v2 does.",
+    )
+    if result.parseable < asked:
+        report.notes.append(
+            f"EQ-Bench v2: {asked - result.parseable} of {asked} replies could not be parsed and score nothing"
+            + (" (with none parseable the benchmark score is 0)" if result.parseable == 0 else "")
+            + "; the replies are in eqbench_replies.json, and "
+            "`python -m moei_lightning.eval.eqbench eqbench_replies.json --questions ...` rescores them."
+        )
+
+
+def _emobench(outcomes: list[ChoiceOutcome], report: Report) -> None:
+    by_task: dict[str, list[ChoiceOutcome]] = defaultdict(list)
+    by_language: dict[tuple[str, str], list[ChoiceOutcome]] = defaultdict(list)
+    by_category: dict[tuple[str, str, str], list[ChoiceOutcome]] = defaultdict(list)
+    for outcome in outcomes:
+        item = outcome.item
+        by_task[item.task].append(outcome)
+        by_language[(item.task, item.language)].append(outcome)
+        by_category[(item.task, item.group, item.language)].append(outcome)
+    tasks = [t for t in EMOBENCH_TASKS if t in by_task]
+    rows = []
+    for task in tasks:
+        for language in sorted(lang for t, lang in by_language if t == task):
+            group = by_language[(task, language)]
+            rows.append([task, language, len(group), accuracy(group)])
+        rows.append([task, "all", len(by_task[task]), accuracy(by_task[task])])
+    report.tables["emobench"] = Table(
+        "EmoBench",
+        ["task", "language", "n", "accuracy"],
+        rows,
+        note="EU: the emotion felt and its cause; EA: the most effective action or response; acc_norm.",
+    )
+    report.tables["emobench_categories"] = Table(
+        "EmoBench by category",
+        ["task", "category", "language", "n", "accuracy"],
+        [
+            [task, category, lang, len(group), accuracy(group)]
+            for (task, category, lang), group in sorted(
+                by_category.items(), key=lambda kv: (EMOBENCH_TASKS.index(kv[0][0]), kv[0][1], kv[0][2])
+            )
+        ],
+    )
+    for task in tasks:
+        languages = "+".join(sorted({o.item.language for o in by_task[task]}))
+        report.summary.rows.append(["EmoBench", task, accuracy(by_task[task]), len(by_task[task]), languages])
+    report.summary.rows.append(
+        ["EmoBench", "average", mean(accuracy(by_task[t]) for t in tasks), len(outcomes), f"mean of {len(tasks)} tasks"]
+    )
+
+
+def _emotion_prompt(
+    plain: list[ChoiceOutcome], variants: list[ChoiceOutcome], stimuli: Mapping[str, str], report: Report
+) -> None:
+    by_stimulus: dict[str, list[ChoiceOutcome]] = defaultdict(list)
+    for outcome in variants:
+        by_stimulus[outcome.item.variant].append(outcome)
+    plain_accuracy, plain_gate = accuracy(plain), mean(o.gate for o in plain)
+    rows = [["none", "(plain prompts)", len(plain), plain_accuracy, None, plain_gate, None]]
+    accuracies, gates = [], []
+    for stimulus_id, text in stimuli.items():
+        group = by_stimulus[stimulus_id]
+        acc, gate = accuracy(group), mean(o.gate for o in group)
+        accuracies.append(acc)
+        gates.append(gate)
+        rows.append([stimulus_id, text, len(group), acc, acc - plain_accuracy, gate, _difference(gate, plain_gate)])
+    report.tables["emotion_prompt"] = Table(
+        "EmotionPrompt probe (GI with emotional stimuli)",
+        ["stimulus", "text", "n", "GI accuracy", "change", "inter gate", "gate change"],
+        rows,
+        note="Each stimulus appended to the instruction of every GI item; change is against the plain prompts. "
+        "Inter gate: mean over the prompt's real tokens and the adapted layers (0 backbone, 1 adapters).",
+    )
+    n, k = len(plain), len(stimuli)
+    stimulus_accuracy, stimulus_gate = mean(accuracies), mean(gates)
+    gate_note = "" if plain_gate is not None else _NO_GATE
+    report.summary.rows += [
+        ["EmotionPrompt", "GI accuracy (plain)", plain_accuracy, n, "all GI items"],
+        ["EmotionPrompt", "GI accuracy (stimuli)", stimulus_accuracy, n * k, f"mean over {k} stimuli"],
+        ["EmotionPrompt", "GI accuracy change", stimulus_accuracy - plain_accuracy, n * k, "percentage points"],
+        ["EmotionPrompt", "inter gate (plain)", plain_gate, n, gate_note],
+        ["EmotionPrompt", "inter gate (stimuli)", stimulus_gate, n * k, gate_note or f"mean over {k} stimuli"],
+        ["EmotionPrompt", "inter gate change", _difference(stimulus_gate, plain_gate), n * k, gate_note],
+    ]
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b

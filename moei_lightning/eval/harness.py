@@ -1,0 +1,236 @@
+"""Run the loaded suites through one model: choice log-likelihoods, greedy generations, inter-gate readings.
+
+Every model call goes through :func:`~moei_lightning.eval.distributed.sharded_map`, so under DDP or
+FSDP the ranks share the work, make the same number of forward and generate calls, and all end up
+with every result. Nothing here writes files or knows about Lightning; the callback does that.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from moei_lightning.data import EiRecord, Encoder, Example
+from moei_lightning.eval.distributed import Gather, all_gather, sharded_map
+from moei_lightning.eval.emotion_prompt import probe_items
+from moei_lightning.eval.eqbench import EqBenchResult, score_responses
+from moei_lightning.eval.scoring import (
+    ChoiceScores,
+    choice_examples,
+    encode_prompts,
+    example_loglikelihoods,
+    generate_texts,
+    group_choices,
+)
+from moei_lightning.eval.suites import EqBenchQuestions, Item, SuiteInputs
+from moei_lightning.molora import RoutingRecorder
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class ChoiceOutcome:
+    """A multiple-choice item with its scores; ``gate`` is the mean inter gate on its prompt, if measured."""
+
+    item: Item
+    scores: ChoiceScores
+    gate: float | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.scores.predicted == self.item.answer
+
+
+@dataclass
+class OpenOutcome:
+    """An open item with the model's greedy continuation."""
+
+    item: Item
+    prediction: str
+
+
+@dataclass
+class EqBenchOutcome:
+    """The questions asked, the raw replies by question id, and their score."""
+
+    questions: EqBenchQuestions
+    replies: dict[str, str]
+    result: EqBenchResult
+
+
+@dataclass
+class Results:
+    """Per-item outcomes of every suite that ran; ``truncated`` counts scored sequences cut to data.max_length."""
+
+    eibench: list[ChoiceOutcome] = field(default_factory=list)
+    eibench_open: list[OpenOutcome] = field(default_factory=list)
+    gi: list[ChoiceOutcome] = field(default_factory=list)
+    emobench: list[ChoiceOutcome] = field(default_factory=list)
+    eqbench: EqBenchOutcome | None = None
+    emotion_prompt: list[ChoiceOutcome] = field(default_factory=list)
+    truncated: Counter[str] = field(default_factory=Counter)
+    scored: Counter[str] = field(default_factory=Counter)
+
+
+class Harness:
+    """One model under evaluation, with the settings every suite shares.
+
+    Args:
+        model: the Hugging Face model (with its adapters), already on its device and in eval mode.
+        tokenizer: its tokenizer.
+        kind: ``causal`` or ``seq2seq``.
+        encoder: formats and tokenises records exactly as for training (``data.*`` settings).
+        recorder: the adapters' routing recorder, for inter-gate readings; None without adapters.
+        batch_size: sequences per forward pass or generate call.
+        rank: this process's global rank.
+        world_size: the number of processes sharing the work.
+        gather: collects one object from every rank (tests replace it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        kind: str,
+        encoder: Encoder,
+        recorder: RoutingRecorder | None = None,
+        batch_size: int = 8,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Gather = all_gather,
+    ) -> None:
+        self.model, self.tokenizer, self.kind, self.encoder = model, tokenizer, kind, encoder
+        self.recorder = recorder
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.gather = rank, world_size, gather
+        self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+    def run(self, inputs: SuiteInputs, max_new_tokens: int, eqbench_max_new_tokens: int) -> Results:
+        """Every suite named in ``inputs.names``, in order."""
+        results = Results()
+        if "eibench" in inputs.names:
+            choice = [item for item in inputs.eibench if item.answer is not None]
+            open_items = [item for item in inputs.eibench if item.answer is None]
+            results.eibench = self.choices(choice, "eibench", results)
+            prompts = [self.encoder.formatter.format(item.record) for item in open_items]
+            predictions = self.generate(prompts, max_new_tokens)
+            results.eibench_open = [OpenOutcome(item, text) for item, text in zip(open_items, predictions)]
+        if "gi" in inputs.names:
+            results.gi = self.choices(inputs.gi, "gi", results)
+        if "eqbench" in inputs.names and inputs.eqbench is not None:
+            results.eqbench = self.eqbench(inputs.eqbench, eqbench_max_new_tokens)
+        if "emobench" in inputs.names:
+            results.emobench = self.choices(inputs.emobench, "emobench", results)
+        if "emotion_prompt" in inputs.names:
+            for outcome, gate in zip(results.gi, self.gates([o.item.record for o in results.gi])):
+                outcome.gate = gate
+            variants = self.choices(probe_items(inputs.gi, inputs.stimuli), "emotion_prompt", results)
+            for outcome, gate in zip(variants, self.gates([o.item.record for o in variants])):
+                outcome.gate = gate
+            results.emotion_prompt = variants
+        return results
+
+    def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
+        """acc_norm scores of every item; truncated prompts are counted in ``results``."""
+        records = [item.record for item in items]
+        examples, report = choice_examples(self.encoder, records)
+        results.truncated[suite] += report.truncated
+        results.scored[suite] += len(examples)
+        pairs = self._map(lambda shard: by_length(self._loglikelihoods, shard, _example_length), examples)
+        scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
+        return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations; ranks step together (``synced_gpus``) since a sharded model needs all of them."""
+
+        def run(shard: list[str]) -> list[str]:
+            return generate_texts(
+                self.model,
+                self.tokenizer,
+                self.kind,
+                shard,
+                max_new_tokens,
+                self.batch_size,
+                synced_gpus=self.world_size > 1,
+            )
+
+        return self._map(lambda shard: by_length(run, shard, len), prompts)
+
+    def eqbench(self, questions: EqBenchQuestions, max_new_tokens: int) -> EqBenchOutcome:
+        """Ask every question through the chat template, then score the replies as the reference harness does."""
+        ids = list(questions.questions)
+        prompts = [chat_prompt(self.tokenizer, questions.questions[qid].prompt) for qid in ids]
+        replies = dict(zip(ids, self.generate(prompts, max_new_tokens)))
+        return EqBenchOutcome(questions, replies, score_responses(replies, questions.questions))
+
+    def gates(self, records: list[EiRecord]) -> list[float | None]:
+        """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""
+        prompts = [self.encoder.formatter.format(record) for record in records]
+        return self._map(lambda shard: by_length(self._prompt_gates, shard, len), prompts)
+
+    def _loglikelihoods(self, examples: list[Example]) -> list[tuple[float, int]]:
+        sums, counts = example_loglikelihoods(self.model, examples, self.kind, self.pad_id, self.batch_size)
+        return list(zip(sums, counts))
+
+    @torch.no_grad()
+    def _prompt_gates(self, prompts: list[str]) -> list[float | None]:
+        device = next(self.model.parameters()).device
+        gates: list[float | None] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            inputs = dict(encode_prompts(self.tokenizer, batch, self.kind).to(device))
+            if self.kind == "seq2seq":  # the prompt is the encoder's input; the decoder sees only its start token
+                start_id = self.model.config.decoder_start_token_id
+                inputs["decoder_input_ids"] = torch.full((len(batch), 1), start_id, device=device)
+            self.model(**inputs, use_cache=False)
+            gates += example_gates(self.recorder, "decoder" if self.kind == "causal" else "encoder", len(batch))
+        return gates
+
+    def _map(self, fn: Callable[[list[T]], list[R]], units: Sequence[T]) -> list[R]:
+        return sharded_map(fn, units, self.rank, self.world_size, self.gather)
+
+
+def by_length(fn: Callable[[list[T]], list[R]], units: list[T], length: Callable[[T], int]) -> list[R]:
+    """``fn`` over ``units`` taken shortest first, so batches pad little; results in the units' own order."""
+    order = sorted(range(len(units)), key=lambda i: length(units[i]))
+    results = fn([units[i] for i in order])
+    ordered: list = [None] * len(units)
+    for i, result in zip(order, results):
+        ordered[i] = result
+    return ordered
+
+
+def _example_length(example: Example) -> int:
+    return len(example.input_ids) + len(example.labels)
+
+
+def example_gates(recorder: RoutingRecorder | None, stream: str, batch: int) -> list[float | None]:
+    """Per example of the last forward: its mean gate over real tokens, averaged over the stream's layers.
+
+    None for every example when no layer has an inter gate (``adapter: full`` or ``lora``, ``inter: none``).
+    """
+    layers = [] if recorder is None else [r for r in recorder.records.values() if r.gate is not None]
+    layers = [r for r in layers if r.stream == stream]
+    if not layers:
+        return [None] * batch
+    per_layer = []
+    for record in layers:
+        index = record.example_index
+        sums = torch.zeros(batch, device=index.device).index_add_(0, index, record.gate.float())
+        counts = torch.zeros(batch, device=index.device).index_add_(0, index, torch.ones_like(record.gate.float()))
+        per_layer.append(sums / counts.clamp_min(1))
+    return torch.stack(per_layer).mean(0).tolist()
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as the user turn of the tokenizer's chat template, ready for the reply; unchanged without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,192 @@
+"""The evaluation suites and where their items come from.
+
+Every multiple-choice or open item becomes an :class:`Item` whose ``record`` is an EiBench record, so
+the model sees it formatted exactly like its training data (``data.prompt_template``, chat template).
+
+- ``eibench``: EI test records (EiBench JSONL); choice tasks by log-likelihood, open tasks by greedy
+  generation. Grouped by aspect (perception, cognition, expression).
+- ``gi``: GI records (EiBench JSONL with ``choices``) and MMLU-style CSV files, by log-likelihood.
+  Grouped by dimension (knowledge, reasoning, commonsense, reading).
+- ``eqbench``: EQ-Bench v2 questions, answered by greedy generation and scored by
+  :mod:`moei_lightning.eval.eqbench`.
+- ``emobench``: EmoBench EU (emotion, cause) and EA items, by log-likelihood. Grouped by category.
+- ``emotion_prompt``: the ``gi`` items again with emotional stimuli appended
+  (:mod:`moei_lightning.eval.emotion_prompt`).
+
+Every problem with an input file is a :class:`~moei_lightning.data.DataError` that names the file
+(and line, where there is one) and the config key that pointed at it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
+from moei_lightning.eval.emobench import load_emobench
+from moei_lightning.eval.eqbench import EqBenchInputError, Question, load_questions
+from moei_lightning.eval.items import ChoiceItem
+from moei_lightning.eval.mmlu import load_mmlu_csv
+
+SUITES: tuple[str, ...] = ("eibench", "gi", "eqbench", "emobench", "emotion_prompt")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question for the model.
+
+    ``source`` is where it came from (``eibench``, ``gi``, ``mmlu`` or ``emobench``); ``group`` is
+    the EI aspect, the GI dimension or the EmoBench category; ``answer`` indexes ``record.choices``
+    and is None for open (generation) items; ``variant`` names the emotional stimulus appended to
+    the prompt, empty for the plain item.
+    """
+
+    source: str
+    task: str
+    group: str
+    language: str
+    record: EiRecord
+    answer: int | None
+    variant: str = ""
+
+
+@dataclass(frozen=True)
+class EqBenchQuestions:
+    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap."""
+
+    path: str
+    questions: dict[str, Question]
+    available: int
+
+
+@dataclass
+class SuiteInputs:
+    """Everything the configured suites will ask, loaded and checked before any model call."""
+
+    names: list[str]
+    eibench: list[Item] = field(default_factory=list)
+    gi: list[Item] = field(default_factory=list)
+    emobench: list[Item] = field(default_factory=list)
+    eqbench: EqBenchQuestions | None = None
+    stimuli: dict[str, str] = field(default_factory=dict)
+
+
+def check_suites(suites: Sequence[str]) -> list[str]:
+    """The suite names in their canonical order; unknown or repeated names are an error."""
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown:
+        raise DataError(f"config key eval.suites: unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    if len(set(suites)) != len(suites):
+        raise DataError(f"config key eval.suites: a suite is listed twice in {list(suites)}")
+    if "emotion_prompt" in suites and "gi" not in suites:
+        raise DataError(
+            "config key eval.suites: emotion_prompt reruns the gi suite with emotional stimuli and compares "
+            "the two, so list gi as well"
+        )
+    return [name for name in SUITES if name in suites]
+
+
+def eibench_items(paths: Sequence[str], key: str) -> list[Item]:
+    """EI records from EiBench JSONL files or folders; choice records score by likelihood, the rest generate."""
+    items = []
+    for record in _records(paths, key, "ei"):
+        answer = record.choices.index(record.output) if record.choices else None
+        items.append(Item("eibench", record.task, record.aspect, "en", record, answer))
+    return items
+
+
+def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str]]) -> list[Item]:
+    """GI multiple choice: EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension."""
+    items = []
+    for record in _records(paths, key, "gi"):
+        if not record.choices:
+            raise DataError(
+                f"{record.source}: field 'choices': the gi suite scores multiple choice only, and this "
+                f"record (from {key}) has none; add choices or leave the record out of {key}"
+            )
+        items.append(Item("gi", record.task, record.aspect, "en", record, record.choices.index(record.output)))
+    for dimension, files in mmlu_csv.items():
+        if dimension not in GI_ASPECTS:
+            raise DataError(
+                f"config key eval.gi_mmlu_csv: {dimension!r} is not a GI dimension; use one of {list(GI_ASPECTS)}"
+            )
+        for path in [files] if isinstance(files, str) else files:
+            _require_file(path, "eval.gi_mmlu_csv")
+            try:
+                loaded = load_mmlu_csv(path, dimension)
+            except ValueError as err:
+                raise DataError(f"{err} (file from config key eval.gi_mmlu_csv)") from err
+            items += [_from_choice_item(item, "gi") for item in loaded]
+    return items
+
+
+def emobench_items(directory: str, languages: Sequence[str]) -> list[Item]:
+    """EmoBench EU (emotion and cause questions) and EA items of ``languages`` from ``directory``."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"config key eval.emobench_dir: {directory} is not a folder; point it at the folder holding "
+            "EmoBench's EU.jsonl and EA.jsonl"
+        )
+    try:
+        loaded = load_emobench(directory, languages)
+    except ValueError as err:
+        raise DataError(f"{err} (config keys eval.emobench_dir, eval.emobench_languages)") from err
+    return [_from_choice_item(item, "ei") for item in loaded]
+
+
+def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
+    """The v2 questions in file order, the first ``limit`` of them when a limit is set."""
+    _require_file(path, "eval.eqbench_questions")
+    try:
+        questions = load_questions(path)
+    except EqBenchInputError as err:
+        raise DataError(f"{err} (file from config key eval.eqbench_questions)") from err
+    kept = dict(list(questions.items())[:limit]) if limit is not None else questions
+    return EqBenchQuestions(path=str(path), questions=kept, available=len(questions))
+
+
+def limit_items(items: list[Item], limit: int | None) -> list[Item]:
+    """The first ``limit`` items of each task and language, in their order (all of them without a limit)."""
+    if limit is None:
+        return items
+    seen: Counter[tuple[str, str]] = Counter()
+    kept = []
+    for item in items:
+        seen[(item.task, item.language)] += 1
+        if seen[(item.task, item.language)] <= limit:
+            kept.append(item)
+    return kept
+
+
+def _records(paths: Sequence[str], key: str, domain: str) -> list[EiRecord]:
+    records = load_records(paths)
+    aspects = EI_ASPECTS if domain == "ei" else GI_ASPECTS
+    for record in records:
+        if record.domain != domain or record.aspect not in aspects:
+            raise DataError(
+                f"{record.source}: field 'domain': a {record.domain!r} record ({record.aspect}) among the "
+                f"{domain} records of {key}; list it under the other domain's files"
+            )
+    return records
+
+
+def _from_choice_item(item: ChoiceItem, domain: str) -> Item:
+    record = EiRecord(
+        id=item.id,
+        task=item.task,
+        domain=domain,
+        aspect=item.category,
+        instruction=item.prompt_instruction,
+        input=item.prompt_input,
+        output=item.choices[item.answer_index],
+        choices=item.choices,
+        source=item.id,
+    )
+    return Item(item.suite, item.task, item.category, item.language, record, item.answer_index)
+
+
+def _require_file(path: str, key: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config key {key}: file {path} not found; download it or fix the path")
