@@ -1,0 +1,160 @@
+"""Evaluation inputs: suite loading, config errors that name the key, quick-run limits, EmotionPrompt variants."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moei_lightning.data import SAMPLES_DIR, DataError, PromptFormatter
+from moei_lightning.eval.callback import PaperEvaluation
+from moei_lightning.eval.emotion_prompt import check_stimuli, probe_items, with_stimulus
+from moei_lightning.eval.suites import (
+    check_suites,
+    eibench_items,
+    emobench_items,
+    eqbench_questions,
+    gi_items,
+    limit_items,
+)
+
+EI_TEST = str(SAMPLES_DIR / "ei" / "test.jsonl")
+GI_TEST = str(SAMPLES_DIR / "gi" / "test.jsonl")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def gi_record(**overrides) -> dict:
+    record = {
+        "id": "q1",
+        "task": "trivia",
+        "domain": "gi",
+        "aspect": "knowledge",
+        "instruction": "Answer.",
+        "input": "Capital of France?",
+        "output": "Paris",
+        "choices": ["Rome", "Paris"],
+    }
+    return {**record, **overrides}
+
+
+def test_eibench_items_split_choice_and_open_tasks() -> None:
+    items = eibench_items([EI_TEST], "data.ei_test")
+    choice = [i for i in items if i.answer is not None]
+    open_items = [i for i in items if i.answer is None]
+    assert choice and open_items
+    assert all(i.record.choices[i.answer] == i.record.output for i in choice)
+    assert {i.group for i in open_items} == {"expression"}
+    assert all(i.source == "eibench" for i in items)
+
+
+def test_gi_items_from_jsonl_and_mmlu_csv(tmp_path: Path) -> None:
+    csv = tmp_path / "astronomy_test.csv"
+    csv.write_text("Which is a planet?,Moon,Mars,Sun,Comet,B\n", encoding="utf-8")
+    items = gi_items([GI_TEST], "data.gi_test", {"knowledge": [str(csv)]})
+    mmlu = [i for i in items if i.source == "mmlu"]
+    assert len(mmlu) == 1 and mmlu[0].task == "astronomy" and mmlu[0].group == "knowledge"
+    assert mmlu[0].record.output == "Mars" and mmlu[0].answer == 1
+    assert len(items) == 1 + len(Path(GI_TEST).read_text(encoding="utf-8").splitlines())
+
+
+def test_gi_record_without_choices_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "gi.jsonl", [gi_record(), gi_record(id="q2", choices=None)])
+    with pytest.raises(DataError, match=rf"{path}:2: field 'choices'.*eval.gi"):
+        gi_items([path], "eval.gi", {})
+
+
+def test_record_of_the_wrong_domain_names_the_config_key(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "mixed.jsonl", [gi_record()])
+    with pytest.raises(DataError, match=rf"{path}:1: field 'domain'.*data.ei_test"):
+        eibench_items([path], "data.ei_test")
+
+
+def test_mmlu_csv_errors_name_the_config_key(tmp_path: Path) -> None:
+    csv = tmp_path / "x.csv"
+    csv.write_text("q,a,b,c,d,E\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"eval.gi_mmlu_csv: 'maths' is not a GI dimension"):
+        gi_items([], "eval.gi", {"maths": [str(csv)]})
+    with pytest.raises(DataError, match=rf"{csv}:1: answer 'E'.*eval.gi_mmlu_csv"):
+        gi_items([], "eval.gi", {"reasoning": [str(csv)]})
+    with pytest.raises(FileNotFoundError, match=r"eval.gi_mmlu_csv: file .*missing.csv not found"):
+        gi_items([], "eval.gi", {"reasoning": [str(tmp_path / "missing.csv")]})
+
+
+def test_missing_benchmark_files_name_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"eval.emobench_dir"):
+        emobench_items(str(tmp_path / "nowhere"), ["en"])
+    with pytest.raises(FileNotFoundError, match=r"eval.eqbench_questions"):
+        eqbench_questions(str(tmp_path / "questions.json"), None)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(DataError, match=r"eval.eqbench_questions"):
+        eqbench_questions(str(bad), None)
+
+
+def test_real_benchmarks_load_with_limits(shared_data: Path) -> None:
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 5)
+    assert questions.available == 171 and list(questions.questions) == ["1", "2", "3", "4", "5"]
+    items = emobench_items(str(shared_data / "emobench"), ["en", "zh"])
+    assert len(items) == 1200
+    limited = limit_items(items, 3)
+    assert len(limited) == 3 * 3 * 2  # three tasks, two languages
+    assert {(i.task, i.language) for i in limited} == {
+        (t, lang) for t in ("EU-emotion", "EU-cause", "EA") for lang in ("en", "zh")
+    }
+    assert limit_items(items, None) is items
+
+
+def test_suite_names_are_checked() -> None:
+    assert check_suites(["emobench", "gi"]) == ["gi", "emobench"]
+    with pytest.raises(DataError, match=r"eval.suites: unknown suite\(s\) \['mmlu'\]"):
+        check_suites(["mmlu"])
+    with pytest.raises(DataError, match=r"listed twice"):
+        check_suites(["gi", "gi"])
+    with pytest.raises(DataError, match=r"emotion_prompt reruns the gi suite"):
+        check_suites(["emotion_prompt"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"suites": ["eqbench"]}, "eval.eqbench_questions: the eqbench suite is in eval.suites"),
+        ({"suites": ["emobench"]}, "eval.emobench_dir: the emobench suite is in eval.suites"),
+        ({"suites": ["gi", "emotion_prompt"]}, "eval.emotion_prompt_stimuli: the emotion_prompt suite needs"),
+        ({"batch_size": 0}, "eval.batch_size: expected a positive integer"),
+        ({"limit": 0}, "eval.limit: expected a positive integer"),
+        ({"emotion_prompt_stimuli": {"EP1": " "}}, "eval.emotion_prompt_stimuli: entry 'EP1'"),
+    ],
+)
+def test_callback_config_errors_name_the_key(kwargs: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        PaperEvaluation(**kwargs)
+
+
+def test_without_suites_the_callback_loads_nothing() -> None:
+    callback = PaperEvaluation()
+    callback.setup(trainer=None, pl_module=None, stage="test")
+    assert callback.names == [] and callback.inputs is None
+
+
+def test_stimulus_goes_after_the_instruction_and_before_the_answer_cue() -> None:
+    item = gi_items([GI_TEST], "data.gi_test", {})[0]
+    stimulus = "This is very important to my career."
+    variant = with_stimulus(item, "EP02", stimulus)
+    assert variant.variant == "EP02" and variant.record.id == f"{item.record.id}#EP02"
+    assert variant.answer == item.answer and variant.record.choices == item.record.choices
+    prompt = PromptFormatter().format(variant.record)
+    assert prompt.index(stimulus) < prompt.index(item.record.input) < prompt.index("Answer:")
+    assert prompt.startswith(f"{item.record.instruction} {stimulus}")
+
+
+def test_probe_items_cover_every_item_under_every_stimulus() -> None:
+    items = gi_items([GI_TEST], "data.gi_test", {})
+    stimuli = check_stimuli({"EP02": " This is very important to my career. ", "EP04": "Are you sure?"})
+    assert stimuli["EP02"] == "This is very important to my career."
+    variants = probe_items(items, stimuli)
+    assert len(variants) == 2 * len(items)
+    assert [v.variant for v in variants] == ["EP02"] * len(items) + ["EP04"] * len(items)
+    assert len({v.record.id for v in variants}) == len(variants)
