@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moei_lightning.data import EiRecord, Encoder, Example
@@ -147,7 +148,7 @@ class Harness:
         return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations; ranks step together (``synced_gpus``) since a sharded model needs all of them."""
+        """Greedy continuations; ranks step together (``synced_gpus``): a sharded model needs all at each step."""
 
         def run(shard: list[str]) -> list[str]:
             return generate_texts(
@@ -157,7 +158,7 @@ class Harness:
                 shard,
                 max_new_tokens,
                 self.batch_size,
-                synced_gpus=self.world_size > 1,
+                synced_gpus=self.world_size > 1 and dist.is_initialized(),
             )
 
         return self._map(lambda shard: by_length(run, shard, len), prompts)

@@ -1,0 +1,131 @@
+"""The harness: sharding keeps ranks in step and gives the one-process answer; gates, chat prompts, EQ-Bench."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from moei_lightning.backbone import BackboneConfig
+from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
+from moei_lightning.eval.distributed import merge, shard, sharded_map
+from moei_lightning.eval.harness import Harness, chat_prompt
+from moei_lightning.eval.suites import SuiteInputs, eibench_items, eqbench_questions, gi_items
+from moei_lightning.module import MoEIModule
+
+STIMULI = {"EP02": "This is very important to my career.", "EP04": "Are you sure?"}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 9])
+def test_shards_are_equal_and_merge_back_in_order(n: int, world_size: int) -> None:
+    units = list(range(n))
+    shards = [shard(units, rank, world_size) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # the same number of calls on every rank
+    assert sorted(set().union(*shards)) == units
+    assert merge([[u * 10 for u in s] for s in shards], n) == [u * 10 for u in units]
+
+
+def test_sharded_map_checks_one_result_per_unit() -> None:
+    with pytest.raises(ValueError, match="2 results for 1 units"):
+        sharded_map(lambda s: s + s, [1], 0, 1)
+
+
+def tiny_harness(preset: str, adapter: str = "molora", **kwargs: object) -> Harness:
+    torch.manual_seed(0)  # the same adapter initialisation in every simulated rank
+    module = MoEIModule(backbone=BackboneConfig(name_or_path=preset), adapter=adapter)
+    module.configure_model()
+    module.eval()
+    encoder = Encoder(module.tokenizer, PromptFormatter(tokenizer=module.tokenizer), module.kind, 256)
+    return Harness(module.model, module.tokenizer, module.kind, encoder, module.recorder, batch_size=3, **kwargs)
+
+
+def small_inputs() -> SuiteInputs:
+    eibench = eibench_items([str(SAMPLES_DIR / "ei" / "test.jsonl")], "data.ei_test")
+    open_items = [i for i in eibench if i.answer is None][:3]
+    choice_items = [i for i in eibench if i.answer is not None][:4]
+    gi = gi_items([str(SAMPLES_DIR / "gi" / "test.jsonl")], "data.gi_test", {})[:5]
+    return SuiteInputs(["eibench", "gi", "emotion_prompt"], eibench=choice_items + open_items, gi=gi, stimuli=STIMULI)
+
+
+class ThreadWorld:
+    """Ranks as threads: an all-gather built on a barrier, so sharded_map runs as it would across processes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size, timeout=300)
+
+    def gather_for(self, rank: int):
+        def gather(obj: object, world_size: int) -> list:
+            assert world_size == self.size
+            self.slots[rank] = obj
+            self.barrier.wait()
+            gathered = list(self.slots)
+            self.barrier.wait()
+            return gathered
+
+        return gather
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
+def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: str) -> None:
+    inputs = small_inputs()
+    single = tiny_harness(preset).run(inputs, max_new_tokens=4, eqbench_max_new_tokens=4)
+
+    world = ThreadWorld(2)
+    harnesses = [tiny_harness(preset, rank=r, world_size=2, gather=world.gather_for(r)) for r in range(2)]
+    calls = [0, 0]
+    for rank, harness in enumerate(harnesses):
+        harness.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))
+    outputs, errors = [None, None], []
+
+    def run(rank: int) -> None:
+        try:
+            outputs[rank] = harnesses[rank].run(inputs, max_new_tokens=4, eqbench_max_new_tokens=4)
+        except BaseException as err:  # a failing rank must not leave the other waiting silently
+            errors.append(err)
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert calls[0] == calls[1] > 0  # 5 GI items over 2 ranks: padded, never one forward more on one rank
+
+    for result in outputs:
+        for name in ("eibench", "gi", "emotion_prompt"):
+            ours, theirs = getattr(result, name), getattr(single, name)
+            assert [o.item.record.id for o in ours] == [o.item.record.id for o in theirs]
+            assert [o.scores.predicted for o in ours] == [o.scores.predicted for o in theirs]
+            for a, b in zip(ours, theirs):
+                assert a.scores.logprobs == pytest.approx(b.scores.logprobs, abs=1e-4)
+                assert (a.gate is None) == (b.gate is None)
+                assert a.gate is None or a.gate == pytest.approx(b.gate, abs=1e-5)
+        assert [o.prediction for o in result.eibench_open] == [o.prediction for o in single.eibench_open]
+        assert result.truncated == single.truncated
+
+
+def test_gates_are_read_per_prompt_and_absent_without_an_inter_gate() -> None:
+    records = [i.record for i in small_inputs().gi]
+    gates = tiny_harness("tiny-llama").gates(records)
+    assert all(0 < g < 1 for g in gates)
+    assert len(set(gates)) > 1  # each prompt has its own mean, padding excluded
+    alone = tiny_harness("tiny-llama").gates(records[:1])  # no padding at all
+    assert alone[0] == pytest.approx(gates[0], abs=1e-5)
+    assert tiny_harness("tiny-llama", adapter="lora").gates(records) == [None] * len(records)
+    assert tiny_harness("tiny-llama", adapter="full").gates(records) == [None] * len(records)
+
+
+def test_eqbench_prompts_go_through_the_chat_template(shared_data: Path) -> None:
+    harness = tiny_harness("tiny-llama")
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 2)
+    prompt = chat_prompt(harness.tokenizer, questions.questions["1"].prompt)
+    assert prompt.startswith(f"{harness.tokenizer.bos_token}[INST]") and prompt.rstrip().endswith("[/INST]")
+    assert questions.questions["1"].prompt.strip() in prompt
+    assert chat_prompt(tiny_harness("tiny-t5").tokenizer, "plain text") == "plain text"
+    outcome = harness.eqbench(questions, max_new_tokens=4)
+    assert set(outcome.replies) == {"1", "2"}
+    assert outcome.result.parseable == 0 and outcome.result.n_questions == 2  # counted, not dropped
