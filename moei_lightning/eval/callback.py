@@ -165,7 +165,7 @@ class PaperEvaluation(Callback):
         molora = getattr(pl_module, "molora_config", None)
         backbone = getattr(pl_module, "backbone_config", None)
         return {
-            "checkpoint": trainer.ckpt_path or "none: the backbone as loaded (fresh adapters leave it unchanged)",
+            "checkpoint": str(trainer.ckpt_path or "none: the backbone as loaded (fresh adapters leave it unchanged)"),
             "backbone": dataclasses.asdict(backbone) if dataclasses.is_dataclass(backbone) else {},
             "kind": pl_module.kind,
             "adapter": getattr(pl_module, "adapter", None),

@@ -1,0 +1,121 @@
+"""`python -m moei_lightning test` with an eval config, as a user runs it: reports, W&B tables, checkpoints, DDP."""
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from moei_lightning.data import MoEIDataModule
+from moei_lightning.eval.callback import PaperEvaluation
+from moei_lightning.module import MoEIModule
+from tests.test_cli import REPO, run_cli
+
+TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emobench_categories", "emotion_prompt"}
+SUITE_LABELS = {"EI", "GI", "EQ-Bench v2", "EmoBench", "EmotionPrompt"}
+
+
+def eval_args(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "test",
+        "--config",
+        str(REPO / "conf" / "tiny.yaml"),
+        "--config",
+        str(REPO / "conf" / "eval" / "tiny.yaml"),
+        f"--eval.eqbench_questions={shared_data / 'eq-bench' / 'eq_bench_v2_questions_171.json'}",
+        f"--eval.emobench_dir={shared_data / 'emobench'}",
+        f"--run_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "astronomy_test.csv"
+    csv.write_text("Which is a planet?,Moon,Mars,Sun,Comet,B\nWhat orbits Earth?,Moon,Mars,Sun,Venus,A\n")
+    run_dir = tmp_path / "run"
+    mmlu = f'--eval.gi_mmlu_csv={{"knowledge": ["{csv}"]}}'
+    result = run_cli(*eval_args(shared_data, run_dir, mmlu), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    assert {row[0] for row in report["summary"]["rows"]} == SUITE_LABELS
+    assert set(report["tables"]) == TABLES
+    assert report["tables"]["gi"]["rows"][0][:4] == ["astronomy", "knowledge", "MMLU CSV", 2]
+    assert report["config"]["checkpoint"].startswith("none")
+    # A random tiny model parses no EQ-Bench reply: counted and shown, and the run still succeeds.
+    assert report["scores"]["EQ-Bench v2/parseable"] == 0
+    markdown = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "0 of 20 parseable" in markdown and "first 20 of 171 questions" in markdown
+    assert "20 of 20 replies could not be parsed" in markdown
+
+    replies = run_dir / "eqbench_replies.json"
+    assert len(json.loads(replies.read_text(encoding="utf-8"))) == 20
+    questions = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
+    rescored = subprocess.run(
+        [sys.executable, "-m", "moei_lightning.eval.eqbench", str(replies), "--questions", str(questions)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(rescored.stdout)["parseable"] == 0
+    assert len((run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()) == 18
+
+    tables = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "table" / "eval" / "*.json"))
+    logged = {Path(t).name.rsplit("_", 2)[0]: json.loads(Path(t).read_text()) for t in tables}
+    assert set(logged) == TABLES | {"summary"}
+    assert logged["summary"]["columns"] == report["summary"]["columns"]
+    assert [row[:2] for row in logged["summary"]["data"]] == [row[:2] for row in report["summary"]["rows"]]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_evaluated_with_its_trained_adapters(tmp_path: Path) -> None:
+    seed_everything(0)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    trainer.fit(MoEIModule(), MoEIDataModule(batch_size=8, max_length=128))
+    checkpoint = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    def evaluate(ckpt_path: Path | None, name: str) -> dict:
+        seed_everything(0)
+        callback = PaperEvaluation(suites=["gi", "emotion_prompt"], emotion_prompt_stimuli={"EP04": "Are you sure?"})
+        tester = Trainer(
+            accelerator="cpu",
+            logger=False,
+            callbacks=[callback],
+            enable_progress_bar=False,
+            default_root_dir=tmp_path / name,
+        )
+        tester.test(MoEIModule(), MoEIDataModule(max_length=128), ckpt_path=ckpt_path, verbose=False)
+        return json.loads((tmp_path / name / "report.json").read_text(encoding="utf-8"))
+
+    trained, bare = evaluate(checkpoint, "trained"), evaluate(None, "bare")
+    assert trained["config"]["checkpoint"] == str(checkpoint)
+    gate = "EmotionPrompt/inter gate (plain)"
+    assert trained["scores"][gate] != pytest.approx(bare["scores"][gate], abs=1e-6)  # the adapters were loaded
+    weights = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert weights and all("base_layer" not in key for key in weights)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_one_process_report(shared_data: Path, tmp_path: Path) -> None:
+    suites = "--eval.suites=[eibench,gi,eqbench,emotion_prompt]"
+    quick = ["--eval.limit=4", "--trainer.logger=false", suites]
+    one = run_cli(*eval_args(shared_data, tmp_path / "one", *quick), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(
+        *eval_args(shared_data, tmp_path / "two", *quick, "--trainer.devices=2", "--trainer.strategy=ddp"),
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert reports[1]["config"]["trainer"]["world_size"] == 2
+    assert reports[0]["scores"].keys() == reports[1]["scores"].keys()
+    for key, value in reports[0]["scores"].items():
+        assert reports[1]["scores"][key] == pytest.approx(value, abs=1e-4), key
