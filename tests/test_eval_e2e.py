@@ -103,16 +103,23 @@ def test_a_checkpoint_is_evaluated_with_its_trained_adapters(tmp_path: Path) -> 
     assert weights and all("base_layer" not in key for key in weights)
 
 
+STRATEGIES = {
+    "ddp": ["--trainer.strategy=ddp"],
+    "fsdp2": ["--config", str(REPO / "conf" / "strategy" / "fsdp2.yaml")],  # sharded: every forward is collective
+}
+
+
 @pytest.mark.slow
-def test_two_ddp_processes_give_the_one_process_report(shared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_give_the_one_process_report(strategy: str, shared_data: Path, tmp_path: Path) -> None:
+    if strategy == "fsdp2" and not (REPO / "conf" / "strategy" / "fsdp2.yaml").is_file():
+        pytest.skip("conf/strategy/fsdp2.yaml is not in this checkout")
     suites = "--eval.suites=[eibench,gi,eqbench,emotion_prompt]"
     quick = ["--eval.limit=4", "--trainer.logger=false", suites]
     one = run_cli(*eval_args(shared_data, tmp_path / "one", *quick), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(
-        *eval_args(shared_data, tmp_path / "two", *quick, "--trainer.devices=2", "--trainer.strategy=ddp"),
-        cwd=tmp_path,
-    )
+    two_args = eval_args(shared_data, tmp_path / "two", *quick, "--trainer.devices=2", *STRATEGIES[strategy])
+    two = run_cli(*two_args, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
     assert reports[1]["config"]["trainer"]["world_size"] == 2
