@@ -100,12 +100,15 @@ def test_summary_numbers() -> None:
     assert any("1 of 2 replies could not be parsed" in note for note in report.notes)
 
 
-def test_without_an_inter_gate_the_probe_says_so() -> None:
-    report = build_report(NAMES, make_results(gates=False), CONFIG, {"EP02": "s"})
+def test_without_adapters_or_inter_gate_the_probe_says_so() -> None:
+    report = build_report(NAMES, make_results(gates=False), {**CONFIG, "adapter": "full"}, {"EP02": "s"})
     assert report.scores["EmotionPrompt/inter gate (plain)"] is None
     row = next(r for r in report.summary.rows if r[1] == "inter gate (plain)")
-    assert "no inter gate" in row[4]
+    assert "no adapters" in row[4]
     assert "| EmotionPrompt | inter gate (plain) | n/a |" in report.to_markdown()
+    lora = build_report(NAMES, make_results(), {**CONFIG, "adapter": "lora"}, {"EP02": "s"})
+    row = next(r for r in lora.summary.rows if r[1] == "inter gate (plain)")
+    assert "no inter gate" in row[4] and "gate 1" in row[4]
 
 
 def test_report_files_hold_the_same_numbers(tmp_path: Path) -> None:

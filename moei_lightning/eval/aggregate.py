@@ -26,7 +26,8 @@ from moei_lightning.eval.text_metrics import score_generations
 
 EMOBENCH_TASKS = ("EU-emotion", "EU-cause", "EA")
 _SOURCES = {"eibench": "EiBench JSONL", "gi": "GI JSONL", "mmlu": "MMLU CSV", "emobench": "EmoBench"}
-_NO_GATE = "no inter gate (model.adapter full or lora, or molora.inter none)"
+_NO_ADAPTERS = "no adapters to route to (model.adapter: full)"
+_NO_INTER_GATE = "no inter gate (model.adapter: lora or molora.inter: none): adapters on every token, gate 1"
 
 
 def build_report(
@@ -57,7 +58,7 @@ def build_report(
     if "emobench" in names:
         _emobench(results.emobench, report)
     if "emotion_prompt" in names:
-        _emotion_prompt(results.gi, results.emotion_prompt, stimuli, report)
+        _emotion_prompt(results.gi, results.emotion_prompt, stimuli, _gate_note(config), report)
     max_length = config.get("data", {}).get("max_length") if isinstance(config.get("data"), dict) else None
     for suite, cut in results.truncated.items():
         if cut:
@@ -247,7 +248,11 @@ def _emobench(outcomes: list[ChoiceOutcome], report: Report) -> None:
 
 
 def _emotion_prompt(
-    plain: list[ChoiceOutcome], variants: list[ChoiceOutcome], stimuli: Mapping[str, str], report: Report
+    plain: list[ChoiceOutcome],
+    variants: list[ChoiceOutcome],
+    stimuli: Mapping[str, str],
+    gate_note: str,
+    report: Report,
 ) -> None:
     by_stimulus: dict[str, list[ChoiceOutcome]] = defaultdict(list)
     for outcome in variants:
@@ -270,7 +275,7 @@ def _emotion_prompt(
     )
     n, k = len(plain), len(stimuli)
     stimulus_accuracy, stimulus_gate = mean(accuracies), mean(gates)
-    gate_note = "" if plain_gate is not None else _NO_GATE
+    gate_note = gate_note if plain_gate is not None else _NO_ADAPTERS
     report.summary.rows += [
         ["EmotionPrompt", "GI accuracy (plain)", plain_accuracy, n, "all GI items"],
         ["EmotionPrompt", "GI accuracy (stimuli)", stimulus_accuracy, n * k, f"mean over {k} stimuli"],
@@ -279,6 +284,13 @@ def _emotion_prompt(
         ["EmotionPrompt", "inter gate (stimuli)", stimulus_gate, n * k, gate_note or f"mean over {k} stimuli"],
         ["EmotionPrompt", "inter gate change", _difference(stimulus_gate, plain_gate), n * k, gate_note],
     ]
+
+
+def _gate_note(config: Mapping[str, object]) -> str:
+    """Why the inter gate reads 1 everywhere, when the run's adapters have none."""
+    molora = config.get("molora")
+    inter = molora.get("inter") if isinstance(molora, dict) else None
+    return _NO_INTER_GATE if config.get("adapter") == "lora" or inter == "none" else ""
 
 
 def _difference(a: float | None, b: float | None) -> float | None:

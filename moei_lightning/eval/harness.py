@@ -214,17 +214,19 @@ def _example_length(example: Example) -> int:
 def example_gates(recorder: RoutingRecorder | None, stream: str, batch: int) -> list[float | None]:
     """Per example of the last forward: its mean gate over real tokens, averaged over the stream's layers.
 
-    None for every example when no layer has an inter gate (``adapter: full`` or ``lora``, ``inter: none``).
+    A layer without an inter gate (the ``lora`` baseline, ``inter: none``) applies its adapters to
+    every token, so it counts as gate 1, as in the router statistics; without adapters at all
+    (``adapter: full``) there is no gate to read and every example gets None.
     """
-    layers = [] if recorder is None else [r for r in recorder.records.values() if r.gate is not None]
-    layers = [r for r in layers if r.stream == stream]
+    layers = [] if recorder is None else [r for r in recorder.records.values() if r.stream == stream]
     if not layers:
         return [None] * batch
     per_layer = []
     for record in layers:
         index = record.example_index
-        sums = torch.zeros(batch, device=index.device).index_add_(0, index, record.gate.float())
-        counts = torch.zeros(batch, device=index.device).index_add_(0, index, torch.ones_like(record.gate.float()))
+        gate = torch.ones_like(index, dtype=torch.float32) if record.gate is None else record.gate.float()
+        sums = torch.zeros(batch, device=index.device).index_add_(0, index, gate)
+        counts = torch.zeros(batch, device=index.device).index_add_(0, index, torch.ones_like(gate))
         per_layer.append(sums / counts.clamp_min(1))
     return torch.stack(per_layer).mean(0).tolist()
 
