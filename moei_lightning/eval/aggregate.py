@@ -169,7 +169,8 @@ def _gi(outcomes: list[ChoiceOutcome], report: Report) -> None:
         score = mean(accuracy(g) for g in groups)
         scores.append(score)
         n = sum(len(g) for g in groups)
-        report.summary.rows.append(["GI", dimension, score, n, f"mean of {len(groups)} task(s), accuracy"])
+        tasks = f"{len(groups)} task{'s' * (len(groups) != 1)}"
+        report.summary.rows.append(["GI", dimension, score, n, f"mean of {tasks} (accuracy)"])
     report.summary.rows.append(["GI", "average", mean(scores), len(outcomes), f"mean of {len(scores)} dimensions"])
 
 
