@@ -39,7 +39,7 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
     csv.write_text("Which is a planet?,Moon,Mars,Sun,Comet,B\nWhat orbits Earth?,Moon,Mars,Sun,Venus,A\n")
     run_dir = tmp_path / "run"
     mmlu = f'--eval.gi_mmlu_csv={{"knowledge": ["{csv}"]}}'
-    result = run_cli(*eval_args(shared_data, run_dir, mmlu), cwd=tmp_path)
+    result = run_cli(*eval_args(shared_data, run_dir, mmlu, "--eval.limit=10"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
@@ -50,11 +50,11 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
     # A random tiny model parses no EQ-Bench reply: counted and shown, and the run still succeeds.
     assert report["scores"]["EQ-Bench v2/parseable"] == 0
     markdown = (run_dir / "report.md").read_text(encoding="utf-8")
-    assert "0 of 20 parseable" in markdown and "first 20 of 171 questions" in markdown
-    assert "20 of 20 replies could not be parsed" in markdown
+    assert "0 of 10 parseable" in markdown and "first 10 of 171 questions" in markdown
+    assert "10 of 10 replies could not be parsed" in markdown
 
     replies = run_dir / "eqbench_replies.json"
-    assert len(json.loads(replies.read_text(encoding="utf-8"))) == 20
+    assert len(json.loads(replies.read_text(encoding="utf-8"))) == 10
     questions = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
     rescored = subprocess.run(
         [sys.executable, "-m", "moei_lightning.eval.eqbench", str(replies), "--questions", str(questions)],
@@ -110,19 +110,19 @@ STRATEGIES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_processes_give_the_one_process_report(strategy: str, shared_data: Path, tmp_path: Path) -> None:
-    if strategy == "fsdp2" and not (REPO / "conf" / "strategy" / "fsdp2.yaml").is_file():
-        pytest.skip("conf/strategy/fsdp2.yaml is not in this checkout")
-    suites = "--eval.suites=[eibench,gi,eqbench,emotion_prompt]"
-    quick = ["--eval.limit=4", "--trainer.logger=false", suites]
+def test_two_processes_give_the_one_process_report(shared_data: Path, tmp_path: Path) -> None:
+    """DDP and, where the config exists, FSDP2 on two CPU processes, against one process."""
+    quick = ["--eval.limit=4", "--trainer.logger=false", "--eval.suites=[eibench,gi,eqbench,emotion_prompt]"]
     one = run_cli(*eval_args(shared_data, tmp_path / "one", *quick), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two_args = eval_args(shared_data, tmp_path / "two", *quick, "--trainer.devices=2", *STRATEGIES[strategy])
-    two = run_cli(*two_args, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
-    assert reports[1]["config"]["trainer"]["world_size"] == 2
-    assert reports[0]["scores"].keys() == reports[1]["scores"].keys()
-    for key, value in reports[0]["scores"].items():
-        assert reports[1]["scores"][key] == pytest.approx(value, abs=1e-4), key
+    expected = json.loads((tmp_path / "one" / "report.json").read_text())["scores"]
+    strategies = [s for s in STRATEGIES if s != "fsdp2" or (REPO / "conf" / "strategy" / "fsdp2.yaml").is_file()]
+    for strategy in strategies:
+        two_args = eval_args(shared_data, tmp_path / strategy, *quick, "--trainer.devices=2", *STRATEGIES[strategy])
+        two = run_cli(*two_args, cwd=tmp_path)
+        assert two.returncode == 0, (strategy, two.stderr[-3000:])
+        report = json.loads((tmp_path / strategy / "report.json").read_text())
+        assert report["config"]["trainer"]["world_size"] == 2
+        assert report["scores"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert report["scores"][key] == pytest.approx(value, abs=1e-4), (strategy, key)
