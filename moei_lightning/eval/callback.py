@@ -14,12 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from moei_lightning.data import DataError, Encoder
 from moei_lightning.eval.aggregate import build_report
@@ -145,7 +148,7 @@ class PaperEvaluation(Callback):
             trainer.global_rank,
             trainer.world_size,
         )
-        with trainer.precision_plugin.test_step_context():  # the autocast the test steps ran under
+        with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             results = harness.run(self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens)
         if not trainer.is_global_zero:
             return
@@ -209,6 +212,18 @@ class PaperEvaluation(Callback):
                 f"set eval.{key} to the EiBench JSONL files to evaluate"
             )
         return list(paths[data_key]), f"data.{data_key}"
+
+
+def root_parameters_gathered(model: nn.Module) -> AbstractContextManager:
+    """Under FSDP1, the root unit's own parameters (embeddings, final norm, LM head) stay sharded outside
+    the root's forward, and the evaluation calls the inner Hugging Face model directly; gather them for
+    its duration. Inner units gather their own parameters in their forward; other strategies need nothing.
+    """
+    roots = FullyShardedDataParallel.fsdp_modules(model, root_only=True)
+    stack = ExitStack()
+    for root in roots:
+        stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False))
+    return stack
 
 
 def write_outputs(results: Results, run_dir: Path) -> None:
