@@ -137,6 +137,12 @@ class PaperEvaluation(Callback):
         if self.inputs is None:  # test ran without setup("test"), e.g. a hand-driven loop
             self.inputs = self.load_inputs(trainer.datamodule)
         data = trainer.datamodule
+        if getattr(data, "formatter", None) is None:
+            raise DataError(
+                "PaperEvaluation formats prompts with the DataModule's settings (data.prompt_template, "
+                f"data.max_length), but the test ran with {'no DataModule' if data is None else type(data).__name__}; "
+                "run it with MoEIDataModule"
+            )
         encoder = Encoder(pl_module.tokenizer, data.formatter, pl_module.kind, data.max_length)
         harness = Harness(
             pl_module.model,
