@@ -134,8 +134,6 @@ class PaperEvaluation(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.names:
             return
-        if self.inputs is None:  # test ran without setup("test"), e.g. a hand-driven loop
-            self.inputs = self.load_inputs(trainer.datamodule)
         data = trainer.datamodule
         if getattr(data, "formatter", None) is None:
             raise DataError(
