@@ -142,7 +142,9 @@ def _validate(tmp_path: Path, callbacks: list) -> list[dict[str, float]]:
 @pytest.mark.slow
 def test_callback_logs_metrics_and_keeps_the_routing_for_router_stats(tmp_path: Path) -> None:
     # The metrics callback runs first, with forwards of its own; the router statistics must not change.
-    both = _validate(tmp_path / "both", [EiMetricsCallback(max_new_tokens=4), RouterStatsCallback()])
+    both = _validate(
+        tmp_path / "both", [EiMetricsCallback(max_new_tokens=4, choice_batch_size=64), RouterStatsCallback()]
+    )
     alone = _validate(tmp_path / "alone", [RouterStatsCallback()])
     assert read_rows(tmp_path / "both", ROUTER_FILE) == read_rows(tmp_path / "alone", ROUTER_FILE)
     logged = both[0]
