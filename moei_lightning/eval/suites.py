@@ -189,4 +189,6 @@ def _from_choice_item(item: ChoiceItem, domain: str) -> Item:
 
 def _require_file(path: str, key: str) -> None:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config key {key}: file {path} not found; download it or fix the path")
+        raise FileNotFoundError(
+            f"config key {key}: file {path} not found; fix the path, or download it (docs/evaluation.md)"
+        )
