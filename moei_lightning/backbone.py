@@ -197,7 +197,10 @@ def load_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
 
 
 def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None) -> PreTrainedModel:
-    """The frozen backbone (every parameter has `requires_grad=False`), in eval mode, on `device`."""
+    """The frozen backbone (every parameter has `requires_grad=False`), in eval mode, on `device`.
+
+    Hub and local checkpoints are read straight onto `device`, so a GPU rank never holds a CPU copy.
+    """
     kind = resolve_kind(cfg)
     if cfg.name_or_path in PRESETS:
         model = _preset_model(cfg.name_or_path, cfg.attn_implementation)
@@ -213,7 +216,45 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None)
             trust_remote_code=cfg.trust_remote_code,
             # Always explicit: transformers 5 defaults to "auto" and 4.x to float32.
             **{_DTYPE_KWARG: cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)},
+            **({"device_map": {"": str(device)}} if device is not None else {}),
         )
+    return _frozen(model, cfg, device)
+
+
+def backbone_skeleton(cfg: BackboneConfig) -> PreTrainedModel:
+    """The backbone as `load_backbone` returns it, but on the meta device: modules and shapes, no weights read.
+
+    Sharded strategies build this on every rank and fill it from rank 0's `load_backbone`, so no other
+    rank ever holds the pretrained weights in full.
+    """
+    with torch.device("meta"):
+        if cfg.name_or_path in PRESETS:
+            model = _preset_model(cfg.name_or_path, cfg.attn_implementation)
+            dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        else:
+            config = _from_pretrained(
+                AutoConfig.from_pretrained, cfg.name_or_path, "config", trust_remote_code=cfg.trust_remote_code
+            )
+            dtype = _checkpoint_dtype(config) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+            auto_class = AutoModelForCausalLM if resolve_kind(config) == "causal" else AutoModelForSeq2SeqLM
+            model = auto_class.from_config(
+                config,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                **{_DTYPE_KWARG: dtype},
+            )
+        model.to(dtype)
+    return _frozen(model, cfg, None)
+
+
+def _checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, as `dtype="auto"` would load them."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _frozen(model: PreTrainedModel, cfg: BackboneConfig, device: str | torch.device | None) -> PreTrainedModel:
+    """Freeze, switch to eval mode, enable activation checkpointing if asked, move to `device`."""
     model.requires_grad_(False)
     model.eval()
     if cfg.gradient_checkpointing:
@@ -226,6 +267,19 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None)
     if device is not None:
         model.to(device)
     return model
+
+
+def disable_activation_checkpointing(model: PreTrainedModel) -> bool:
+    """Turn the model's own activation checkpointing off; True if it was on."""
+    if hasattr(model, "is_activation_checkpointing"):  # transformers >= 5.23 deprecates the old names
+        enabled = model.is_activation_checkpointing
+        if enabled:
+            model.activation_checkpointing_disable()
+        return enabled
+    enabled = model.is_gradient_checkpointing
+    if enabled:
+        model.gradient_checkpointing_disable()
+    return enabled
 
 
 def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: object) -> _T:
