@@ -7,6 +7,11 @@ examples and towards 0 on GI examples, in every adapted layer; ``L_balance`` is 
 load-balancing term on the intra router. Both read the routing recorder that the adapters write to
 during the forward. ``adapter`` selects MoEI (``molora``), the LoRA baseline (``lora``: one expert,
 no inter gate) or full fine-tuning (``full``).
+
+Under data parallelism (DDP, FSDP, FSDP2) every logged term stays this rank's own mean, but the
+loss that backward sees is normalised by the token counts of all ranks, so the gradient that DDP
+averages is exactly the gradient of one process over the whole global batch (see
+:meth:`MoEIModule.objective`).
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ import random
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.optim import Optimizer
 
-from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
 from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora
+from moei_lightning.sharding import gathered_root, shard_model
+from moei_lightning.strategies import clean_name
 
 AdapterKind = Literal["molora", "lora", "full"]
 
@@ -46,7 +57,10 @@ class MoEIModule(LightningModule):
         warmup_steps: linear warm-up steps of the cosine schedule; a value below 1 is a fraction of
             the total training steps.
         min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
-        max_new_tokens: generation length for ``predict``.
+        max_new_tokens: generation length for ``predict`` and ``generate_in_eval``.
+        generate_in_eval: also generate a greedy reply to every validation and test prompt and log
+            ``val/exact_match`` / ``test/exact_match`` against the target. Under FSDP every rank takes
+            part in every decoding step (see :meth:`generate`).
     """
 
     def __init__(
@@ -61,6 +75,7 @@ class MoEIModule(LightningModule):
         warmup_steps: float = 0.03,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 64,
+        generate_in_eval: bool = False,
     ) -> None:
         super().__init__()
         if adapter not in ("molora", "lora", "full"):
@@ -77,6 +92,7 @@ class MoEIModule(LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.max_new_tokens = max_new_tokens
+        self.generate_in_eval = generate_in_eval
         # The DataModule tokenises at setup, which Lightning runs before configure_model.
         self.tokenizer = load_tokenizer(self.backbone_config)
         self.kind = resolve_kind(self.backbone_config)
@@ -84,15 +100,50 @@ class MoEIModule(LightningModule):
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint checks them
 
     def configure_model(self) -> None:
-        """Load the backbone here, so under sharded strategies no rank builds a full copy it does not need."""
+        """Load the backbone here, so under sharded strategies no rank builds a full copy it does not need.
+
+        Under ``ModelParallelStrategy`` (FSDP2) the model is built on the meta device, sharded block by
+        block and filled from rank 0. Otherwise a GPU rank reads the weights straight onto its device.
+        """
         if self.model is not None:
             return
-        model = load_backbone(self.backbone_config)
+        mesh = self.device_mesh
+        if mesh is None:
+            model = self._with_adapters(load_backbone(self.backbone_config, device=self._load_device()))
+        else:
+            model = self._sharded(mesh)
+        self.model = model.train(self.training)  # the loader returns eval mode; Lightning switches modes from here
+
+    def _with_adapters(self, model: nn.Module) -> nn.Module:
         if self.molora_config is None:
             model.requires_grad_(True)
         else:
             inject_molora(model, self.molora_config)
-        self.model = model.train(self.training)  # the loader returns eval mode; Lightning switches modes from here
+        return model
+
+    def _load_device(self) -> torch.device | None:
+        """The GPU this rank trains on, if any; the CPU copy is skipped by loading straight onto it."""
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device if device is not None and device.type != "cpu" else None
+
+    def _sharded(self, mesh: DeviceMesh) -> nn.Module:
+        """The backbone and adapters with ``fully_shard`` on each decoder block, then the root."""
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "MoEI shards with FSDP2 only and has no tensor-parallel plan; use "
+                "moei_lightning.strategies.MoEIFSDP2Strategy (conf/strategy/fsdp2.yaml) or tensor_parallel_size: 1"
+            )
+        strategy = self.trainer.strategy
+        return shard_model(
+            build=lambda: self._with_adapters(load_backbone(self.backbone_config)),
+            skeleton=lambda: self._with_adapters(backbone_skeleton(self.backbone_config)),
+            mesh=mesh["data_parallel"] if "data_parallel" in names else mesh,
+            device=strategy.root_device,
+            layer_classes=getattr(strategy, "layer_classes", None),
+            reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+        )
 
     @property
     def recorder(self) -> RoutingRecorder | None:
@@ -103,30 +154,61 @@ class MoEIModule(LightningModule):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every loss term and their weighted sum under ``loss``."""
+        """Every loss term (this rank's means) and their weighted sum under ``loss``."""
+        return self.objective(batch)[0]
+
+    def objective(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss terms, and the loss to backpropagate through.
+
+        With one process the two losses are the same tensor. With ``W`` data-parallel ranks each token
+        mean is rescaled by ``W * n_rank / n_all`` (``n``: the tokens it averages over, summed over ranks
+        with one all-reduce), which turns DDP's average of the ranks' gradients into the gradient of the
+        mean over every token of the global batch: the same update as one process with ``W`` times the
+        batch. The load-balancing term is a product of means and stays per rank.
+        """
         logprobs, supervised = sequence_logprobs(self.model, batch, self.kind)
         token_loss = -logprobs
         is_ei = batch["domain"].bool()[:, None]
-        terms = {
-            "lm_ei": masked_mean(token_loss, supervised & is_ei),
-            "lm_gi": masked_mean(token_loss, supervised & ~is_ei),
-        }
-        total = terms["lm_ei"] + self.lambda_gi_lm * terms["lm_gi"]
-        if self.recorder is not None and self.recorder.records:
-            gates = [r for r in self.recorder.records.values() if r.gate is not None]
+        masks = {"lm_ei": supervised & is_ei, "lm_gi": supervised & ~is_ei}
+        terms = {name: masked_mean(token_loss, mask) for name, mask in masks.items()}
+        records = list(self.recorder.records.values()) if self.recorder is not None else []
+        gates = [r for r in records if r.gate is not None and r.gate.numel()]
+        counts = {name: mask.sum() for name, mask in masks.items()}
+        counts.update({r.stream: torch.tensor(r.gate.numel(), device=token_loss.device) for r in gates})
+        scale = self._data_parallel_scales(counts)
+
+        def combine(weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+            w = weights or {}
+            total = w.get("lm_ei", 1) * terms["lm_ei"] + self.lambda_gi_lm * w.get("lm_gi", 1) * terms["lm_gi"]
             if gates:
-                terms["inter"] = inter_loss(gates, batch["domain"])
-                total = total + self.lambda_inter * terms["inter"]
-            terms["balance"] = balance_loss(list(self.recorder.records.values()))
-            total = total + self.lambda_bal * terms["balance"]
-        terms["loss"] = total
-        return terms
+                total = total + self.lambda_inter * inter_loss(gates, batch["domain"], w)
+            if records:
+                total = total + self.lambda_bal * terms["balance"]
+            return total
+
+        if gates:
+            terms["inter"] = inter_loss(gates, batch["domain"])
+        if records:
+            terms["balance"] = balance_loss(records)
+        terms["loss"] = combine(None)
+        return terms, terms["loss"] if scale is None else combine(scale)
+
+    def _data_parallel_scales(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """``W * n_rank / n_all`` per token count, or None with one process or outside training."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not self.training:
+            return None
+        local = torch.stack([c.float() for c in counts.values()])
+        total = local.clone()
+        dist.all_reduce(total)
+        scales = (local * trainer.world_size / total.clamp_min(1)).detach()
+        return dict(zip(counts, scales))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        terms = self.losses(batch)
+        terms, loss = self.objective(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, batch_size=len(batch["id"]))
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
-        return terms["loss"]
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
@@ -135,7 +217,12 @@ class MoEIModule(LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        # Generation first: the loss forward is then the last one, whose routing callbacks read.
+        replies = self.generate(batch["prompt"]) if self.generate_in_eval else None
         terms = self.losses(batch)
+        if replies is not None:
+            hits = [normalise(r) == normalise(t) for r, t in zip(replies, batch["target"])]
+            terms["exact_match"] = torch.tensor(sum(hits) / len(hits), device=terms["loss"].device)
         size = len(batch["id"])
         self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=size)
 
@@ -148,8 +235,41 @@ class MoEIModule(LightningModule):
         ]
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy, deterministic continuations of ``prompts``."""
-        return generate_texts(self.model, self.tokenizer, self.kind, prompts, max_new_tokens or self.max_new_tokens)
+        """Greedy, deterministic continuations of ``prompts``.
+
+        Under FSDP every decoding step all-gathers weights, so every rank must run the same number of
+        forwards: ranks pad their prompt lists to the longest one (the padding's replies are
+        dropped) and generate with ``synced_gpus``, which keeps a rank that has finished stepping
+        until all have. Every rank must call this, as the validation, test and predict steps do.
+        Under FSDP1 call it from inside those steps (the root unit's weights are gathered there);
+        under FSDP2 the root's weights are gathered here.
+        """
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        if not self._is_sharded():
+            return generate_texts(self.model, self.tokenizer, self.kind, prompts, max_new_tokens)
+        longest = torch.tensor(len(prompts), device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        padded = prompts + [prompts[0] if prompts else ""] * (int(longest) - len(prompts))
+        with gathered_root(self.model):
+            texts = generate_texts(self.model, self.tokenizer, self.kind, padded, max_new_tokens, synced_gpus=True)
+        return texts[: len(prompts)]
+
+    def _is_sharded(self) -> bool:
+        """Whether a forward is a collective: FSDP2 shards the model, or FSDP1 wraps the module."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return False
+        return isinstance(self.model, FSDPModule) or isinstance(trainer.model, FullyShardedDataParallel)
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Under FSDP1 the root unit clips (Lightning's FSDP precision plugin cannot); elsewhere as usual."""
+        root = self.trainer.model
+        if isinstance(root, FullyShardedDataParallel) and gradient_clip_val and gradient_clip_algorithm != "value":
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -165,9 +285,16 @@ class MoEIModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._trainable_names()}
         checkpoint["rng_states"] = rng_states()  # adapter dropout continues its stream after a resume
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, checkpoint["rng_states"])  # only rank 0 writes the file
+            checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank and dist.is_available() and dist.is_initialized() and dist.get_world_size() == len(per_rank):
+            set_rng_states(per_rank[dist.get_rank()])  # same world size: each rank continues its own stream
+        elif "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
         if self.model is None:
             self.configure_model()
@@ -180,7 +307,7 @@ class MoEIModule(LightningModule):
             )
 
     def _trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
 
 def rng_states() -> dict[str, Any]:
@@ -212,13 +339,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def inter_loss(records: list, domain: torch.Tensor) -> torch.Tensor:
-    """BCE between each layer's inter gate and the token's domain (1 = EI), averaged over layers."""
+def inter_loss(records: list, domain: torch.Tensor, scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """BCE between each layer's inter gate and the token's domain (1 = EI), averaged over layers.
+
+    ``scales`` multiplies each layer's token mean by a factor per token stream (``encoder``/``decoder``).
+    """
+    scales = scales or {}
     with torch.autocast(device_type=domain.device.type, enabled=False):
         per_layer = [
-            F.binary_cross_entropy(r.gate.float(), domain[r.example_index].float()) for r in records if r.gate.numel()
+            scales.get(r.stream, 1) * F.binary_cross_entropy(r.gate.float(), domain[r.example_index].float())
+            for r in records
+            if r.gate.numel()
         ]
     return torch.stack(per_layer).mean()
+
+
+def normalise(text: str) -> str:
+    """Case and spacing do not count against an exact match."""
+    return " ".join(text.lower().split())
 
 
 def balance_loss(records: list) -> torch.Tensor:
