@@ -2,21 +2,29 @@
 
 The checkpoint already holds only trainable tensors, so no backbone is loaded: this works for a
 13B run on a laptop. The directory is what :func:`moei_lightning.molora.load_adapter` reads.
+Every strategy of this project writes a single file (sharded runs gather the adapters into it);
+a sharded checkpoint directory that Lightning's own ``ModelParallelStrategy`` or
+``FSDPStrategy(state_dict_type="sharded")`` writes is read too, adapter tensors only.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import MoLoRAConfig, write_adapter
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router.weight", "gate.weight", "gate.bias")
 MODULE_PREFIX = "model."  # MoEIModule keeps the Hugging Face model under .model
+SHARDED_METADATA = "meta.pt"  # Lightning's non-tensor checkpoint entries in a sharded checkpoint directory
+SHARDED_MODEL_KEYS = ("state_dict", "model")  # ModelParallelStrategy's and FSDPStrategy's name for the weights
 
 
 def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> Path:
@@ -39,11 +47,40 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> Pa
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint file, loaded on the CPU."""
+    """A Lightning checkpoint, loaded on the CPU: a file, or a sharded directory (its adapter tensors only)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return load_sharded_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """Lightning's entries of a sharded checkpoint directory, with ``state_dict`` holding its adapter tensors.
+
+    Only adapter tensors are read from the shards, so no backbone weight is loaded, in one process.
+    """
+    if not (path / SHARDED_METADATA).is_file():
+        raise FileNotFoundError(
+            f"{path} is a directory without {SHARDED_METADATA}: not a checkpoint written by "
+            "`python -m moei_lightning fit`"
+        )
+    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    reader = dcp.FileSystemReader(path)
+    wanted = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+        and key.partition(".")[0] in SHARDED_MODEL_KEYS
+        and key.endswith(ADAPTER_PARAMS)
+    }
+    if wanted:
+        with warnings.catch_warnings():  # one process on purpose: no process group to warn about
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(wanted, storage_reader=reader, no_dist=True)
+    checkpoint["state_dict"] = {key.partition(".")[2]: tensor for key, tensor in wanted.items()}
+    return checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
