@@ -2,6 +2,9 @@
 
 Parameter counts, adapter sizes and memory arithmetic need the real shapes, not the weights: these
 configs rebuild each architecture offline (``with torch.device("meta"): AutoModel.from_config(...)``).
+The T5 configs tie ``lm_head`` to the shared embedding (untying it in transformers 5 also unties the
+encoder and decoder embeddings), so their counts are one vocab x d_model matrix (65.8M for XL,
+131.6M for XXL) below the released Flan-T5 checkpoints, whose head is separate.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ def _flan_t5(d_model: int, d_ff: int, heads: int) -> T5Config:
         num_decoder_layers=24,
         vocab_size=32128,
         feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
     )
 
 

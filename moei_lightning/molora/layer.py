@@ -4,7 +4,7 @@
 
 The experts are stored stacked (``lora_A``: (K*r, d_in), ``lora_B``: (d_out, K*r)), so the delta
 costs two matmuls whatever K is: ``h = x A^T``, scale each expert's r columns of ``h`` by its
-weight ``g * p_k * alpha / r``, then add ``h B^T`` to the frozen output in one ``addmm``. No loop
+weight ``g * p_k * alpha / r``, then accumulate ``h B^T`` into the frozen output with ``addmm_``. No loop
 over experts, no (tokens, K, d_out) tensor. Router and gate math runs in fp32, also under autocast.
 """
 
@@ -70,13 +70,17 @@ class MoLoRALinear(nn.Module):
         return f"experts={c.num_experts}, rank={c.rank}, routing={c.routing}, inter={c.inter}, top_k={c.top_k}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         seq_len = x.shape[-2] if x.dim() >= 3 else 1  # a 2-D input is a batch of single tokens
-        h, logits = self._project(x.reshape(-1, x.shape[-1]), seq_len)
+        flat_x = x.reshape(-1, x.shape[-1])
+        y = self.base_layer(flat_x)  # 2-D and not a view, so the delta can be accumulated into it in place
+        h, logits = self._project(flat_x, seq_len)
         weights = self._expert_weights(logits, seq_len)  # (tokens, K) fp32, gate and alpha/r folded in
         h = h * weights.repeat_interleave(self.config.rank, dim=-1).to(h.dtype)
-        flat = y.view(-1, y.shape[-1])
-        return torch.addmm(flat, h.to(flat.dtype), self.lora_B.t().to(flat.dtype)).view(y.shape)
+        if y.dtype == h.dtype == self.lora_B.dtype:
+            y = y.addmm_(h, self.lora_B.t())
+        else:  # autocast or a half-precision backbone: the delta is cast to the output's dtype
+            y = y + F.linear(h, self.lora_B).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _project(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``h = A dropout(x)`` (tokens, K*r) and the fp32 router (+ gate) logits (sequences, seq_len or 1, .).
