@@ -129,3 +129,28 @@ def test_two_processes_give_the_one_process_report(shared_data: Path, tmp_path: 
         assert report["scores"].keys() == expected.keys()
         for key, value in expected.items():
             assert report["scores"][key] == pytest.approx(value, abs=1e-4), (strategy, key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_seq2seq_under_fsdp2_gives_the_one_process_report(tmp_path: Path) -> None:
+    """T5's generate() calls the encoder outside the root's forward; under FSDP2 the root is gathered for it."""
+    base = [
+        "test",
+        "--config",
+        str(REPO / "conf" / "tiny-t5.yaml"),
+        "--config",
+        str(REPO / "conf" / "eval" / "tiny.yaml"),
+    ]
+    base += ["--eval.limit=2", "--eval.suites=[eibench,gi]", "--ei_metrics.stages=[]", "--router_stats.stages=[]"]
+    base += ["--trainer.logger=false"]
+    one = run_cli(*base, f"--run_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    fsdp2 = ["--config", str(STRATEGY_CONF / "fsdp2.yaml"), "--trainer.devices=2", f"--run_dir={tmp_path / 'two'}"]
+    two = run_cli(*base, *fsdp2, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected = json.loads((tmp_path / "one" / "report.json").read_text())["scores"]
+    scores = json.loads((tmp_path / "two" / "report.json").read_text())["scores"]
+    assert scores.keys() == expected.keys()
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value, abs=1e-4), key

@@ -30,6 +30,7 @@ from moei_lightning.eval.scoring import (
 )
 from moei_lightning.eval.suites import EqBenchQuestions, Item, SuiteInputs
 from moei_lightning.molora import RoutingRecorder
+from moei_lightning.sharding import gathered_root
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -151,15 +152,18 @@ class Harness:
         """Greedy continuations; ranks step together (``synced_gpus``): a sharded model needs all at each step."""
 
         def run(shard: list[str]) -> list[str]:
-            return generate_texts(
-                self.model,
-                self.tokenizer,
-                self.kind,
-                shard,
-                max_new_tokens,
-                self.batch_size,
-                synced_gpus=self.world_size > 1 and dist.is_initialized(),
-            )
+            # FSDP2: generate() on an encoder-decoder calls the encoder outside the root's forward, so the
+            # root's own weights (shared embedding) are gathered around each call; a no-op otherwise.
+            with gathered_root(self.model):
+                return generate_texts(
+                    self.model,
+                    self.tokenizer,
+                    self.kind,
+                    shard,
+                    max_new_tokens,
+                    self.batch_size,
+                    synced_gpus=self.world_size > 1 and dist.is_initialized(),
+                )
 
         return self._map(lambda shard: by_length(run, shard, len), prompts)
 
