@@ -230,10 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     median = {name: statistics.median(values) for name, values in samples.items()}
     best = {name: min(values) for name, values in samples.items()}
     print()
-    print(f"{'variant':<16} {'median ms':>10} {'min ms':>10} {'x frozen (median)':>18} {'x frozen (min)':>15}")
+    # spread: (max - min) / median; ratios that differ by less than it are not resolved by this run
+    header = f"{'median ms':>10} {'min ms':>10} {'spread':>7} {'x frozen (median)':>18} {'x frozen (min)':>15}"
+    print(f"{'variant':<16} {header}")
     for name in names:
+        spread = (max(samples[name]) - best[name]) / median[name]
         print(
-            f"{name:<16} {median[name]:>10.2f} {best[name]:>10.2f} "
+            f"{name:<16} {median[name]:>10.2f} {best[name]:>10.2f} {spread:>7.1%} "
             f"{median[name] / median[frozen_name]:>18.3f} {best[name] / best[frozen_name]:>15.3f}"
         )
 
