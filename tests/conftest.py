@@ -1,6 +1,8 @@
 """Test-wide settings: no network, no W&B account, and the location of the shared benchmark data."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,15 @@ os.environ.setdefault("MOEI_CACHE", tempfile.mkdtemp(prefix="moei-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m moei_lightning ARGS`` as a user runs it, importing this checkout, with W&B offline."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MOEI_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "moei_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture

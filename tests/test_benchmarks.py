@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.test_cli import REPO
+from tests.conftest import REPO
 
 
 def test_molora_layer_benchmark_smoke() -> None:

@@ -19,7 +19,7 @@ from moei_lightning.callbacks.stats_files import ROUTER_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig, RoutingRecord
-from tests.test_cli import REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 GROUPS = ("ei", "gi", "perception", "cognition", "expression")
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from tests.test_cli import REPO
+from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from checkpoint_size import sizes

@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.module import MoEIModule
-from tests.test_cli import REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emobench_categories", "emotion_prompt"}
 SUITE_LABELS = {"EI", "GI", "EQ-Bench v2", "EmoBench", "EmotionPrompt"}

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 from moei_lightning.cli import main
 from moei_lightning.data import SAMPLES_DIR
-from tests.test_cli import REPO
+from tests.conftest import REPO
 
 KERNEL = "moei-notebook-test"
 

@@ -10,7 +10,7 @@ from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
-from tests.test_cli import REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 
 class LossHistory(Callback):
