@@ -44,6 +44,10 @@ class MoEICLI(LightningCLI):
         from moei_lightning.eval.callback import PaperEvaluation
 
         parser.add_lightning_class_args(PaperEvaluation, "eval")
+        # EI and GI accuracy and gates before and after every fit, printed and saved (summary.json).
+        from moei_lightning.eval.fit_summary import FitSummary
+
+        parser.add_lightning_class_args(FitSummary, "summary")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -53,6 +53,12 @@ class MoEIModule(LightningModule):
         lambda_gi_lm: weight of the language-modelling loss on GI examples (0: GI data only teaches
             routing).
         lambda_bal: weight of the intra-router load-balancing loss.
+        gate_loss_balance: weigh EI and GI decisions equally in the inter-gate loss (each class's mean,
+            halved), whatever the batch's mix; otherwise every decision counts once, and the EI
+            majority pulls undecided gates open.
+        router_lr_scale: the router and the inter gate train at ``lr * router_lr_scale`` (their own
+            optimizer group): the gate must end near 0 on GI, which the adapters' rate is too slow
+            to reach in a short run.
         optimizer: the optimizer class and its arguments; it only ever sees trainable parameters.
         warmup_steps: linear warm-up steps of the cosine schedule; a value below 1 is a fraction of
             the total training steps.
@@ -71,6 +77,8 @@ class MoEIModule(LightningModule):
         lambda_inter: float = 1.0,
         lambda_gi_lm: float = 0.0,
         lambda_bal: float = 0.0,
+        gate_loss_balance: bool = True,
+        router_lr_scale: float = 10.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: float = 0.03,
         min_lr_ratio: float = 0.0,
@@ -89,6 +97,7 @@ class MoEIModule(LightningModule):
         self.adapter = adapter
         self.molora_config = adapter_config(adapter, molora)
         self.lambda_inter, self.lambda_gi_lm, self.lambda_bal = lambda_inter, lambda_gi_lm, lambda_bal
+        self.gate_loss_balance, self.router_lr_scale = gate_loss_balance, router_lr_scale
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.max_new_tokens = max_new_tokens
@@ -174,20 +183,21 @@ class MoEIModule(LightningModule):
         records = list(self.recorder.records.values()) if self.recorder is not None else []
         gates = [r for r in records if r.gate is not None and r.gate.numel()]
         counts = {name: mask.sum() for name, mask in masks.items()}
-        counts.update({r.stream: torch.tensor(r.gate.numel(), device=token_loss.device) for r in gates})
+        for record in gates:
+            counts.update(gate_counts(record, batch["domain"], self.gate_loss_balance))
         scale = self._data_parallel_scales(counts)
 
         def combine(weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
             w = weights or {}
             total = w.get("lm_ei", 1) * terms["lm_ei"] + self.lambda_gi_lm * w.get("lm_gi", 1) * terms["lm_gi"]
             if gates:
-                total = total + self.lambda_inter * inter_loss(gates, batch["domain"], w)
+                total = total + self.lambda_inter * inter_loss(gates, batch["domain"], self.gate_loss_balance, w)
             if records:
                 total = total + self.lambda_bal * terms["balance"]
             return total
 
         if gates:
-            terms["inter"] = inter_loss(gates, batch["domain"])
+            terms["inter"] = inter_loss(gates, batch["domain"], self.gate_loss_balance)
         if records:
             terms["balance"] = balance_loss(records)
         terms["loss"] = combine(None)
@@ -272,10 +282,16 @@ class MoEIModule(LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameter; check model.adapter and molora.target_modules")
-        optimizer = self.optimizer_factory(params)
+        routing = [p for name, p in named if is_routing_parameter(name)]
+        groups = [{"params": [p for name, p in named if not is_routing_parameter(name)], "name": "adapters"}]
+        if routing:
+            groups.append({"params": routing, "name": "routing"})
+        optimizer = self.optimizer_factory(groups)
+        if routing:
+            optimizer.param_groups[-1]["lr"] *= self.router_lr_scale
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
         schedule = cosine_with_warmup(warmup, total, self.min_lr_ratio)
@@ -339,18 +355,45 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def inter_loss(records: list, domain: torch.Tensor, scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """BCE between each layer's inter gate and the token's domain (1 = EI), averaged over layers.
+def is_routing_parameter(name: str) -> bool:
+    """The intra router's and the inter gate's tensors (``...q_proj.router.weight``, ``...q_proj.gate.bias``)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in ("router", "gate")
 
-    ``scales`` multiplies each layer's token mean by a factor per token stream (``encoder``/``decoder``).
+
+def gate_counts(record: Any, domain: torch.Tensor, balanced: bool) -> dict[str, torch.Tensor]:
+    """How many decisions each mean of :func:`inter_loss` averages over, keyed as its ``scales``."""
+    if not balanced:
+        return {record.stream: torch.tensor(record.gate.numel(), device=domain.device)}
+    ei = domain[record.example_index].bool()
+    return {f"{record.stream}:ei": ei.sum(), f"{record.stream}:gi": (~ei).sum()}
+
+
+def inter_loss(
+    records: list, domain: torch.Tensor, balanced: bool = False, scales: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """BCE between each layer's inter gate and its decisions' domain (1 = EI), averaged over layers.
+
+    A decision is a token (token routing) or a sequence (prompt routing). ``balanced`` averages the
+    EI and the GI decisions apart and takes half of each. ``scales`` multiplies each mean by a factor
+    per key of :func:`gate_counts` (the data-parallel correction).
     """
     scales = scales or {}
+    per_layer = []
     with torch.autocast(device_type=domain.device.type, enabled=False):
-        per_layer = [
-            scales.get(r.stream, 1) * F.binary_cross_entropy(r.gate.float(), domain[r.example_index].float())
-            for r in records
-            if r.gate.numel()
-        ]
+        for r in records:
+            if not r.gate.numel():
+                continue
+            target = domain[r.example_index].float()
+            bce = F.binary_cross_entropy(r.gate.float(), target, reduction="none")
+            if balanced:
+                ei = target.bool()
+                per_layer.append(
+                    0.5 * scales.get(f"{r.stream}:ei", 1) * masked_mean(bce, ei)
+                    + 0.5 * scales.get(f"{r.stream}:gi", 1) * masked_mean(bce, ~ei)
+                )
+            else:
+                per_layer.append(scales.get(r.stream, 1) * bce.mean())
     return torch.stack(per_layer).mean()
 
 

@@ -8,6 +8,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from moei_lightning.architectures import PUBLISHED
+from moei_lightning.data import IGNORE_INDEX
+from moei_lightning.eval.scoring import sequence_logprobs
 from moei_lightning.molora import (
     MoLoRAConfig,
     MoLoRALinear,
@@ -82,7 +84,7 @@ def test_fresh_injection_is_exactly_the_backbone_t5() -> None:
     labels = torch.randint(3, 128, (3, 5))
     reference = model(input_ids=ids, attention_mask=mask, labels=labels).logits
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    inject_molora(model, MoLoRAConfig(inter="slot", routing="sequence"))
+    inject_molora(model, MoLoRAConfig(inter="slot", routing="prompt"))
     assert torch.equal(model(input_ids=ids, attention_mask=mask, labels=labels).logits, reference)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
 
@@ -128,7 +130,7 @@ def test_single_expert_without_inter_is_plain_lora() -> None:
 def naive_block(block: MoLoRALinear, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reference: the MoLoRA formula written with a loop over experts, one expert at a time."""
     c = block.config
-    if c.routing == "sequence":
+    if c.routing == "prompt":
         m = mask.unsqueeze(-1).float()
         source = ((x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)).expand_as(x)
     else:
@@ -153,7 +155,7 @@ def naive_block(block: MoLoRALinear, x: torch.Tensor, mask: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("inter", ["gate", "slot", "none"])
 @pytest.mark.parametrize("top_k", [None, 2])
-@pytest.mark.parametrize("routing", ["token", "sequence"])
+@pytest.mark.parametrize("routing", ["token", "prompt"])
 def test_batched_block_equals_naive_expert_loop(inter: str, top_k: int | None, routing: str) -> None:
     torch.manual_seed(0)
     config = MoLoRAConfig(num_experts=4, rank=3, alpha=6.0, dropout=0.0, inter=inter, top_k=top_k, routing=routing)
@@ -168,8 +170,9 @@ def test_batched_block_equals_naive_expert_loop(inter: str, top_k: int | None, r
     recorder.masks["decoder"] = mask
     torch.testing.assert_close(block(x), naive_block(block, x, mask.bool()), rtol=1e-5, atol=1e-5)
     record = recorder.records["layer"]
-    assert record.probs.shape == (int(mask.sum()), 4)
-    torch.testing.assert_close(record.probs.sum(-1), torch.ones(int(mask.sum())))
+    decisions = int(mask.sum()) if routing == "token" else 3  # prompt routing decides once per sequence
+    assert record.probs.shape == (decisions, 4)
+    torch.testing.assert_close(record.probs.sum(-1), torch.ones(decisions))
 
 
 def test_only_adapters_change_under_training() -> None:
@@ -212,7 +215,7 @@ def test_save_load_round_trip_and_wrong_architecture(tmp_path) -> None:
 
 
 def test_recorder_one_entry_per_layer_without_padding_and_under_checkpointing() -> None:
-    model = inject_molora(tiny_llama(), MoLoRAConfig())
+    model = inject_molora(tiny_llama(), MoLoRAConfig(routing="token"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids, mask = batch()
@@ -228,14 +231,62 @@ def test_recorder_one_entry_per_layer_without_padding_and_under_checkpointing() 
     assert all(layer.gate.weight.grad is not None for layer in molora_layers(model).values())
 
 
-def test_cached_generation_equals_uncached_with_trained_adapters() -> None:
+@pytest.mark.parametrize("routing", ["token", "prompt"])
+def test_cached_generation_equals_uncached_with_trained_adapters(routing: str) -> None:
     for model in (tiny_llama(), tiny_t5()):
-        inject_molora(model, MoLoRAConfig(top_k=2))
+        inject_molora(model, MoLoRAConfig(top_k=2, routing=routing))
         randomize_adapters(model)
         ids, mask = batch()
         kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False}
         cached = model.generate(ids, use_cache=True, **kwargs)
         assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
+
+
+def teacher_forced_gates(model: nn.Module, prompt: torch.Tensor, target: torch.Tensor, kind: str) -> dict:
+    """Gates of one prompt scored with ``target`` appended, as training and choice scoring run it."""
+    if kind == "causal":
+        ids = torch.cat([prompt, target], dim=1)
+        labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), target], dim=1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    else:
+        batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "labels": target}
+    sequence_logprobs(model, batch, kind)
+    return {name: r.gate.clone() for name, r in model.molora_recorder.records.items()}
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_prompt_routing_is_the_same_in_training_scoring_and_generation(kind: str) -> None:
+    """One decision per sequence from its prompt: no target token, candidate or generated token moves it."""
+    model = inject_molora(tiny_llama() if kind == "causal" else tiny_t5(), MoLoRAConfig(num_experts=3))
+    randomize_adapters(model)
+    prompt = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(5))
+    first = teacher_forced_gates(model, prompt, torch.tensor([[5, 6, 7]]), kind)
+    second = teacher_forced_gates(model, prompt, torch.tensor([[90, 91, 92, 93, 94]]), kind)
+    assert all(gate.shape == (1,) for gate in first.values())
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)
+    assert len({round(g.item(), 4) for g in first.values()}) > 1  # layers decide on their own inputs
+    seen: list[dict] = []
+    hook = model.register_forward_hook(
+        lambda *_: seen.append({n: r.gate.clone() for n, r in model.molora_recorder.records.items()})
+    )
+    for use_cache in (True, False):
+        seen.clear()
+        model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, use_cache=use_cache
+        )
+        assert len(seen) >= 4
+        for step in seen:  # every decoding step, cached or not, routes as the prompt did
+            assert any(not name.startswith("encoder.") for name in step)
+            for name in step:  # the encoder runs once per generate call, the decoder every step
+                torch.testing.assert_close(step[name], first[name], rtol=0, atol=1e-5)
+    hook.remove()
+
+
+def test_sequence_is_read_as_prompt_routing() -> None:
+    assert MoLoRAConfig(routing="sequence").routing == "prompt"
+    with pytest.raises(ValueError, match="routing must be 'prompt' or 'token'"):
+        MoLoRAConfig(routing="tokens")
 
 
 def test_router_math_runs_in_fp32_under_bf16_autocast() -> None:

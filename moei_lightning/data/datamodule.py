@@ -183,6 +183,10 @@ class MoEIDataModule(LightningDataModule):
             raise DataError(f"the {split} split is not prepared yet; call {calls} first")
         return self._examples[split]
 
+    def records(self, split: str) -> list[EiRecord]:
+        """The EI then GI records of a split, read and checked but not tokenised (any split, any stage)."""
+        return self._load("ei", split) + self._load("gi", split)
+
     def _eval_loader(self, split: str) -> DataLoader | list[DataLoader]:
         examples = self.examples(split)
         if not examples:

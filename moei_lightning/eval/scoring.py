@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -23,13 +24,21 @@ from moei_lightning.data import IGNORE_INDEX, Collator, DataReport, EiRecord, En
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logprobs, mask)``, both (B, T): log p(label token) where ``mask`` marks supervised positions."""
+    """``(logprobs, mask)``, both (B, T): log p(label token) where ``mask`` marks supervised positions.
+
+    Prompt routing (MoLoRA) sees the tokens before each causal target only, as it does in generation.
+    """
     labels = batch["labels"]
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    prompt = None
     if kind == "seq2seq":
         kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
         kwargs["decoder_attention_mask"] = (labels != IGNORE_INDEX).long()
-    logits = model(**kwargs).logits
+    else:
+        prompt = (labels != IGNORE_INDEX).cumsum(dim=1) == 0  # positions before the first target token
+    recorder = getattr(model, "molora_recorder", None)
+    with recorder.prompt(prompt) if recorder is not None else contextlib.nullcontext():
+        logits = model(**kwargs).logits
     if kind == "causal":
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX

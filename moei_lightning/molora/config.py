@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-Routing = Literal["token", "sequence"]
+Routing = Literal["token", "prompt"]
 InterMode = Literal["gate", "slot", "none"]
 
 
@@ -23,8 +23,12 @@ class MoLoRAConfig:
         target_modules: linear layers to adapt: a list of module-name suffixes
             (``["q_proj", "v_proj"]``) or one regex matched against the full name. ``None`` picks
             the family default (LLaMA ``q_proj,v_proj``; T5 ``q,v``).
-        routing: ``token`` routes every token on its own; ``sequence`` pools the non-pad tokens
-            of each sequence and routes the whole sequence the same way.
+        routing: ``prompt`` routes each sequence once, from the mean of its prompt tokens only
+            (instruction + input; never the target), identically in training, choice scoring and
+            cached or uncached generation; the decoder of an encoder-decoder model routes from the
+            pooled encoder output. ``token`` routes every token on its own: the first layers then see
+            bare token embeddings, which look alike in EI and GI inputs, so the gate cannot shut on
+            GI prompts there (docs/molora.md). ``sequence`` is read as ``prompt``.
         top_k: keep only the k largest router weights (renormalised); ``None`` is dense routing.
         router_temperature: tau in ``softmax(W_r x / tau)``.
         inter: the inter gate between backbone and adapters: ``gate`` is a sigmoid gate,
@@ -39,7 +43,7 @@ class MoLoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] | str | None = None
-    routing: Routing = "token"
+    routing: Routing = "prompt"
     top_k: int | None = None
     router_temperature: float = 1.0
     inter: InterMode = "gate"
@@ -54,8 +58,10 @@ class MoLoRAConfig:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.routing not in ("token", "sequence"):
-            problems.append(f"routing must be 'token' or 'sequence', got {self.routing!r}")
+        if self.routing == "sequence":  # the earlier name; pooling now stops at the prompt
+            self.routing = "prompt"
+        if self.routing not in ("token", "prompt"):
+            problems.append(f"routing must be 'prompt' or 'token', got {self.routing!r}")
         if self.inter not in ("gate", "slot", "none"):
             problems.append(f"inter must be 'gate', 'slot' or 'none', got {self.inter!r}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_slots:

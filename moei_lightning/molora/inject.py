@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import types
+from typing import Any
 
+import torch
 from torch import nn
 
 from moei_lightning.molora.config import MoLoRAConfig
@@ -86,7 +89,19 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
     recorder.attach(model, encoder)
     model.molora_recorder = recorder
     model.molora_config = config
+    if config.routing == "prompt" and hasattr(model, "generate"):
+        model.generate = types.MethodType(_generate_from_prompt, model)
     return model
+
+
+def _generate_from_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` with the prompt fixed: uncached steps re-read the growing sequence, never pooling past it."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask")
+    if mask is None and isinstance(ids, torch.Tensor):
+        mask = torch.ones_like(ids)
+    with self.molora_recorder.prompt(mask):
+        return type(self).generate(self, *args, **kwargs)
 
 
 def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:

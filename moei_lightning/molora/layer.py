@@ -134,21 +134,19 @@ class MoLoRALinear(nn.Module):
                 expert_probs = weights / gate.clamp_min(torch.finfo(gate.dtype).tiny)
             else:
                 gate, expert_probs, weights = None, probs, probs
-            shape = (logits.shape[0], seq_len)  # sequence routing broadcasts one decision over its tokens
             if self.recorder is not None:
                 self.recorder.record(
-                    self.name,
-                    self.stream,
-                    None if gate is None else gate.expand(*shape, 1),
-                    expert_probs.expand(*shape, experts),
+                    self.name, self.stream, gate, expert_probs, per_sequence=self.config.routing == "prompt"
                 )
+            shape = (logits.shape[0], seq_len)  # prompt routing broadcasts one decision over its tokens
             return (weights * self.config.scaling).expand(*shape, experts).reshape(-1, experts)
 
     def _routing_input(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token routing sees each token; sequence routing sees the mean of each sequence's real tokens.
+        """Token routing sees each token; prompt routing sees the mean of each sequence's prompt tokens.
 
-        ``tokens`` is (sequences, seq_len, d_in). Under cached decoding a sequence keeps the routing
-        it got from its prompt.
+        ``tokens`` is (sequences, seq_len, d_in). The recorder says which tokens are the prompt; the
+        decoder of an encoder-decoder model routes from the pooled encoder output instead. Under
+        cached decoding a sequence keeps the routing it got from its prompt.
         """
         if self.config.routing == "token":
             return tokens
@@ -156,13 +154,26 @@ class MoLoRALinear(nn.Module):
         recorder = self.recorder
         if recorder is None:
             return tokens.mean(dim=1, keepdim=True)
-        if recorder.is_incremental(self.stream, length) and self.name in recorder.sequence_cache:
-            return recorder.sequence_cache[self.name]
-        mask = recorder.token_mask(self.stream, batch, length)
+        if self.stream == "decoder" and recorder.encoder_summary is not None:
+            return self._encoder_prompt(recorder.encoder_summary, batch)
+        if recorder.is_incremental(self.stream, length) and self.name in recorder.prompt_cache:
+            return recorder.prompt_cache[self.name]
+        mask = recorder.prompt_token_mask(self.stream, batch, length)
         if mask is None:
             pooled = tokens.mean(dim=1, keepdim=True)
         else:
             weights = mask.to(tokens.dtype).unsqueeze(-1)
             pooled = (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
-        recorder.sequence_cache[self.name] = pooled.detach()
+        recorder.prompt_cache[self.name] = pooled.detach()
         return pooled
+
+    def _encoder_prompt(self, summary: torch.Tensor, batch: int) -> torch.Tensor:
+        """The pooled encoder output (sequences, 1, d_model), checked against this layer's input width."""
+        if summary.shape[-1] != self.base_layer.in_features or summary.shape[0] != batch:
+            raise ValueError(
+                f"{self.name}: prompt routing in the decoder reads the pooled encoder output "
+                f"({summary.shape[0]} x {summary.shape[-1]}), but this layer takes {batch} sequences x "
+                f"{self.base_layer.in_features} features; adapt decoder layers whose input width is "
+                "d_model (attention q/k/v/o), or use routing: token"
+            )
+        return summary
