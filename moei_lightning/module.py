@@ -17,7 +17,6 @@ averages is exactly the gradient of one process over the whole global batch (see
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.optim import Optimizer
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
@@ -294,8 +294,9 @@ class MoEIModule(LightningModule):
             optimizer.param_groups[-1]["lr"] *= self.router_lr_scale
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
-        schedule = cosine_with_warmup(warmup, total, self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=self.min_lr_ratio
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -416,15 +417,3 @@ def balance_loss(records: list) -> torch.Tensor:
         top = F.one_hot(probs.argmax(-1), experts).float().mean(0)
         per_layer.append(experts * (top * probs.mean(0)).sum())
     return torch.stack(per_layer).mean()
-
-
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Any:
-    """LR multiplier: linear from 0 over ``warmup`` steps, then cosine down to ``min_ratio``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
