@@ -3,12 +3,13 @@
 A LightningCLI with omegaconf interpolation resolved after every source is merged (``omegaconf+``),
 so ``--data.max_length=256`` also reaches every ``${data.max_length}`` in the YAML. Each run writes
 into its own directory (``runs/<id>``, or ``--run_dir``): the saved ``config.yaml``, checkpoints and
-the logger's files never collide between runs. ``python -m moei_lightning export`` writes the
-adapters of a checkpoint as an adapter directory.
+the logger's files never collide between runs. ``export`` writes a checkpoint in a format other
+tools read, and ``generate`` answers prompts with an export.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -22,6 +23,11 @@ from moei_lightning.data import DataError, MoEIDataModule
 from moei_lightning.module import MoEIModule
 
 RUN_DIR_ENV = "MOEI_RUN_DIR"
+# Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
+TOOLS = {
+    "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
+    "generate": "Replies from an exported model to prompts from a file or standard input, as JSONL.",
+}
 
 
 class MoEICLI(LightningCLI):
@@ -93,10 +99,9 @@ def resolve_run_dir(requested: str | None, subcommand: str) -> Path:
 def main(args: list[str] | None = None) -> MoEICLI | None:
     """Entry point of ``python -m moei_lightning`` and the ``moei-lightning`` script."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "export":
-        from moei_lightning.export import main as export_main
-
-        export_main(argv[1:])
+    if argv and argv[0] in TOOLS:
+        module = importlib.import_module(f"moei_lightning.{argv[0]}")
+        module.main(argv[1:])
         return None
     # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)

@@ -1,49 +1,160 @@
-"""``python -m moei_lightning export CKPT OUTPUT_DIR``: a training checkpoint's adapters as an adapter directory.
+"""``python -m moei_lightning export CKPT OUTPUT_DIR [--format moei|peft|merged|hf]``: a checkpoint, ready to use.
 
-The checkpoint already holds only trainable tensors, so no backbone is loaded: this works for a
-13B run on a laptop. The directory is what :func:`moei_lightning.molora.load_adapter` reads.
-Every strategy of this project writes a single file (sharded runs gather the adapters into it);
-a sharded checkpoint directory that Lightning's own ``ModelParallelStrategy`` or
+- ``moei`` (default): the adapters alone, as ``molora_config.json`` + ``molora_model.safetensors``. Only
+  the checkpoint is read, no backbone: this works for a 13B run on a laptop.
+- ``peft``: a ``model.adapter: lora`` run as a PEFT LoRA adapter (``adapter_config.json`` +
+  ``adapter_model.safetensors``), for ``PeftModel.from_pretrained`` and for servers that load LoRA adapters.
+- ``merged``: the backbone with the adapters added into its weights (``lora``) or the fine-tuned weights
+  (``full``), as a ``save_pretrained`` directory with the tokenizer: any Hugging Face stack serves it.
+- ``hf``: a self-contained ``save_pretrained`` directory. MoLoRA adapters route per input and cannot be
+  merged, so they stay beside the backbone's files; ``lora`` and ``full`` are merged as above.
+
+Each directory also gets ``moei_export.json`` (adapter, backbone settings, prompt settings, checkpoint),
+from which :func:`moei_lightning.from_pretrained` loads any of them in one call.
+
+Every strategy of this project writes a single checkpoint file (sharded runs gather the adapters
+into it); a sharded checkpoint directory that Lightning's own ``ModelParallelStrategy`` or
 ``FSDPStrategy(state_dict_type="sharded")`` writes is read too, adapter tensors only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.module import adapter_config
-from moei_lightning.molora import MoLoRAConfig, write_adapter
+from moei_lightning.molora import (
+    MoLoRAConfig,
+    inject_molora,
+    is_static,
+    load_adapter_state_dict,
+    merge_molora,
+    to_peft,
+    write_adapter,
+)
+from moei_lightning.pretrained import EXPORT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
+FORMATS = ("moei", "peft", "merged", "hf")
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router.weight", "gate.weight", "gate.bias")
 MODULE_PREFIX = "model."  # MoEIModule keeps the Hugging Face model under .model
 SHARDED_METADATA = "meta.pt"  # Lightning's non-tensor checkpoint entries in a sharded checkpoint directory
 SHARDED_MODEL_KEYS = ("state_dict", "model")  # ModelParallelStrategy's and FSDPStrategy's name for the weights
+PROMPT_KEYS = ("prompt_template", "system_prompt", "use_chat_template")
 
 
-def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters in a checkpoint."""
+def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, format: str = "moei") -> Path:
+    """Write the checkpoint's model to ``output_dir`` in ``format`` (see the module docstring)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path)
     hparams = checkpoint.get("hyper_parameters", {})
     adapter = hparams.get("adapter", "molora")
-    if adapter == "full":
-        raise ValueError(f"{checkpoint_path} is a full fine-tune (model.adapter: full): it has no adapters to export")
-    config = adapter_config(adapter, MoLoRAConfig.from_dict(hparams.get("molora") or {}))
+    backbone = BackboneConfig(**_as_dict(hparams.get("backbone")))
+    molora_settings = MoLoRAConfig.from_dict(_as_dict(hparams.get("molora")))
+    molora = None if adapter == "full" else adapter_config(adapter, molora_settings)
+    tensors = _model_tensors(checkpoint, checkpoint_path, full=molora is None)
+    output_dir = Path(output_dir)
+    if format == "moei":
+        if molora is None:
+            raise ValueError(
+                f"{checkpoint_path} is a full fine-tune (model.adapter: full): it has no adapters; "
+                "export it with --format merged"
+            )
+        write_adapter(output_dir, molora, tensors, {"name_or_path": backbone.name_or_path})
+    elif format == "peft":
+        if molora is None or not is_static(molora):
+            raise ValueError(
+                f"{checkpoint_path} was trained with model.adapter: {adapter}; only a LoRA adapter "
+                "(model.adapter: lora) has a PEFT format. Use --format "
+                + ("merged" if molora is None else "moei (or hf, with the backbone)")
+            )
+        peft_config, peft_tensors = to_peft(
+            molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=backbone.name_or_path
+        )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in peft_tensors.items()}, str(output_dir / PEFT_WEIGHTS_FILE))
+    else:
+        if format == "merged" and molora is not None and not is_static(molora):
+            raise ValueError(
+                f"{checkpoint_path}: MoLoRA adapters route each input (num_experts={molora.num_experts}, "
+                f"inter={molora.inter!r}), so they have no fixed delta to merge into the weights; use --format hf "
+                "(the backbone with the adapters beside it) or moei"
+            )
+        _save_pretrained(backbone, molora, tensors, output_dir)
+    info = {
+        "format": format,
+        "adapter": adapter,
+        "kind": resolve_kind(backbone),
+        "backbone": dataclasses.asdict(backbone),
+        "prompt": {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in PROMPT_KEYS},
+        "checkpoint": str(checkpoint_path),
+    }
+    (output_dir / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return output_dir
+
+
+def _as_dict(saved: Any) -> dict[str, Any]:
+    """A saved config section: a dict from the command line, the dataclass itself from Python, or absent."""
+    if dataclasses.is_dataclass(saved) and not isinstance(saved, type):
+        return dataclasses.asdict(saved)
+    return dict(saved or {})
+
+
+def _model_tensors(checkpoint: dict[str, Any], path: str | Path, *, full: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors by their name in the Hugging Face model."""
     tensors = {}
     for key, tensor in checkpoint["state_dict"].items():
-        if not key.startswith(MODULE_PREFIX) or not key.endswith(ADAPTER_PARAMS):
-            raise ValueError(f"{checkpoint_path}: tensor {key!r} is not a MoLoRA adapter tensor")
+        if not key.startswith(MODULE_PREFIX) or not (full or key.endswith(ADAPTER_PARAMS)):
+            raise ValueError(f"{path}: tensor {key!r} is not a MoLoRA adapter tensor")
         tensors[key.removeprefix(MODULE_PREFIX)] = tensor
     if not tensors:
-        raise ValueError(f"{checkpoint_path} holds no adapter tensors")
-    base = {"name_or_path": (hparams.get("backbone") or {}).get("name_or_path"), "checkpoint": str(checkpoint_path)}
-    return write_adapter(output_dir, config, tensors, base)
+        raise ValueError(f"{path} holds no model tensors")
+    return tensors
+
+
+def _save_pretrained(
+    backbone: BackboneConfig,
+    molora: MoLoRAConfig | None,
+    tensors: dict[str, torch.Tensor],
+    output_dir: Path,
+) -> None:
+    """The backbone as a ``save_pretrained`` directory with the tokenizer; adapters merged where they can be."""
+    model = load_backbone(backbone)
+    if molora is None:
+        _load_full(model, tensors)
+    elif is_static(molora):
+        inject_molora(model, molora)
+        load_adapter_state_dict(model, tensors)
+        merge_molora(model)
+    model.save_pretrained(output_dir)
+    load_tokenizer(backbone).save_pretrained(output_dir)
+    if molora is not None and not is_static(molora):
+        write_adapter(output_dir, molora, tensors, {"name_or_path": "."})
+
+
+def _load_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """A full fine-tune's tensors into the backbone: every parameter must be there (tied ones once)."""
+    names = {name for name, _ in model.named_parameters()}
+    missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+    if missing or extra:
+        raise ValueError(
+            f"the checkpoint does not fit the backbone: missing {missing[:8]}, unexpected {extra[:8]}; "
+            "was it trained with another model.backbone?"
+        )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(tensors[name])
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -86,10 +197,17 @@ def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moei_lightning export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a .ckpt written by `python -m moei_lightning fit`")
-    parser.add_argument("output_dir", help="directory to write adapter_config.json and adapter_model.safetensors to")
+    parser.add_argument("output_dir", help="directory to write the export to")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="moei",
+        help="moei: MoLoRA adapters only (default); peft: a LoRA run as a PEFT adapter; merged: a save_pretrained "
+        "model with the adapters merged in (lora, full); hf: a self-contained save_pretrained directory",
+    )
     args = parser.parse_args(argv)
     try:
-        directory = export_checkpoint(args.checkpoint, args.output_dir)
+        directory = export_checkpoint(args.checkpoint, args.output_dir, args.format)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"adapters written to {directory}")
+    print(f"{args.format} export written to {directory}")

@@ -307,11 +307,11 @@ def test_export_from_sharded_run_matches_one_process_export(fsdp2_run: Path, one
         )
         assert result.returncode == 0, result.stderr
         exported[name] = tmp_path / name
-    configs = [json.loads((exported[n] / "adapter_config.json").read_text()) for n in ("sharded", "one")]
+    configs = [json.loads((exported[n] / "molora_config.json").read_text()) for n in ("sharded", "one")]
     for config in configs:
         config["base_model"].pop("checkpoint")
     assert configs[0] == configs[1]
-    tensors = [load_file(str(exported[n] / "adapter_model.safetensors")) for n in ("sharded", "one")]
+    tensors = [load_file(str(exported[n] / "molora_model.safetensors")) for n in ("sharded", "one")]
     assert_close(*tensors)
 
 
@@ -329,7 +329,7 @@ def test_export_reads_a_lightning_sharded_checkpoint_directory(one_process: Path
     torch.save(checkpoint, sharded / "meta.pt")
     from_dir = export_checkpoint(sharded, tmp_path / "from-dir")
     from_file = export_checkpoint(one_process / "checkpoints" / "last.ckpt", tmp_path / "from-file")
-    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (from_dir, from_file))
+    a, b = (load_file(str(d / "molora_model.safetensors")) for d in (from_dir, from_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -199,8 +199,8 @@ def test_save_load_round_trip_and_wrong_architecture(tmp_path) -> None:
     randomize_adapters(model)
     save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "molora_config.json",
+        "molora_model.safetensors",
     ]
     ids, mask = batch()
     fresh = load_adapter(tiny_llama(), tmp_path / "adapter")

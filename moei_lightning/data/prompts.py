@@ -47,7 +47,10 @@ class PromptFormatter:
 
     def format(self, record: EiRecord) -> str:
         """The prompt for ``record``: with the chat template it ends where the assistant's answer starts."""
-        user = self.render(record)
+        return self.wrap(self.render(record), record.source or record.id)
+
+    def wrap(self, user: str, where: str = "prompt") -> str:
+        """``user`` as the user turn of a chat (or after the system paragraph); ``where`` names it in errors."""
         if not self.uses_chat:
             return f"{self.system_prompt}\n\n{user}" if self.system_prompt else user
         messages = [{"role": "user", "content": user}]
@@ -57,18 +60,18 @@ class PromptFormatter:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja raises its own error types, e.g. for a template without a system role
             raise DataError(
-                f"{record.source or record.id}: the tokenizer's chat template rejected the prompt ({err}); "
+                f"{where}: the tokenizer's chat template rejected the prompt ({err}); "
                 "set data.system_prompt to null if the model has no system role, or data.use_chat_template "
                 "to false to use data.prompt_template alone"
             ) from err
 
     def render(self, record: EiRecord) -> str:
         """The template filled in for ``record``, without any chat wrapping."""
-        values = {
-            "instruction": record.instruction,
-            "input": record.input,
-            "choices": render_choices(record.choices),
-        }
+        return self.render_fields(record.instruction, record.input, record.choices)
+
+    def render_fields(self, instruction: str, input: str = "", choices: list[str] | None = None) -> str:
+        """The template filled in with these values: records, and prompts given to ``generate``."""
+        values = {"instruction": instruction, "input": input, "choices": render_choices(choices)}
         kept = [
             block.format(**values)
             for block, names in self._blocks

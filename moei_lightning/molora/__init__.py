@@ -4,6 +4,7 @@ Plain PyTorch and safetensors; this package imports neither Lightning nor the da
 """
 
 from moei_lightning.molora.config import MoLoRAConfig
+from moei_lightning.molora.convert import is_static, merge_molora, to_peft
 from moei_lightning.molora.inject import (
     DEFAULT_TARGET_MODULES,
     default_target_modules,
@@ -12,6 +13,8 @@ from moei_lightning.molora.inject import (
     molora_layers,
 )
 from moei_lightning.molora.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
     adapter_state_dict,
     load_adapter,
     load_adapter_state_dict,
@@ -23,7 +26,9 @@ from moei_lightning.molora.layer import MoLoRALinear
 from moei_lightning.molora.recorder import RoutingRecord, RoutingRecorder
 
 __all__ = [
+    "CONFIG_FILE",
     "DEFAULT_TARGET_MODULES",
+    "WEIGHTS_FILE",
     "MoLoRAConfig",
     "MoLoRALinear",
     "RoutingRecord",
@@ -32,10 +37,13 @@ __all__ = [
     "default_target_modules",
     "find_targets",
     "inject_molora",
+    "is_static",
     "load_adapter",
     "load_adapter_state_dict",
+    "merge_molora",
     "molora_layers",
     "read_adapter_config",
     "save_adapter",
+    "to_peft",
     "write_adapter",
 ]

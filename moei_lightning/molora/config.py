@@ -1,4 +1,4 @@
-"""MoLoRA configuration: one dataclass, round-tripped through ``adapter_config.json``."""
+"""MoLoRA configuration: one dataclass, round-tripped through ``molora_config.json``."""
 
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
     """Wrap every target linear layer of ``model`` in a :class:`MoLoRALinear`, in place.
 
     Everything but the adapters is frozen. The model gets a ``molora_recorder`` attribute (the
-    shared :class:`RoutingRecorder`) and a ``molora_config`` attribute.
+    shared :class:`RoutingRecorder`), a ``molora_config`` attribute and ``molora_hooks`` (the
+    recorder's forward pre-hooks).
     """
     if hasattr(model, "molora_recorder"):
         raise ValueError(f"{type(model).__name__} already has MoLoRA adapters; inject into a fresh model")
@@ -86,7 +87,7 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
         setattr(parent, child, block.train(parent.training))  # an eval model must not get live dropout
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     encoder = model.get_encoder() if is_encoder_decoder and hasattr(model, "get_encoder") else None
-    recorder.attach(model, encoder)
+    model.molora_hooks = recorder.attach(model, encoder)  # merge_molora removes them with the adapters
     model.molora_recorder = recorder
     model.molora_config = config
     if config.routing == "prompt" and hasattr(model, "generate"):

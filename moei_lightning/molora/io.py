@@ -1,4 +1,9 @@
-"""Adapter files: only adapter tensors, as ``adapter_config.json`` + ``adapter_model.safetensors``."""
+"""Adapter files: only adapter tensors, as ``molora_config.json`` + ``molora_model.safetensors``.
+
+The names are MoLoRA's own: PEFT's ``adapter_config.json`` holds another schema, and a directory
+that PEFT or transformers would try (and fail) to read as a LoRA adapter helps nobody. A LoRA
+adapter in PEFT's format comes from :func:`moei_lightning.molora.peft_format.to_peft`.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from torch import nn
 from moei_lightning.molora.config import MoLoRAConfig
 from moei_lightning.molora.inject import inject_molora, molora_layers
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "molora_config.json"
+WEIGHTS_FILE = "molora_model.safetensors"
+FORMAT = "moei_lightning.molora"  # the JSON's "format": what wrote it, for readers that find the file alone
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,10 +42,10 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict | None 
 
 
 def write_adapter(directory: str | Path, config: MoLoRAConfig, tensors: dict[str, torch.Tensor], base: dict) -> Path:
-    """The adapter directory format: ``adapter_config.json`` (MoLoRA config + base model) and the tensors."""
+    """The adapter directory format: ``molora_config.json`` (MoLoRA config + base model) and the tensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"molora": config.to_dict(), "base_model": base}
+    payload = {"format": FORMAT, "molora": config.to_dict(), "base_model": base}
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
     return directory
