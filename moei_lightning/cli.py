@@ -3,26 +3,42 @@
 A LightningCLI with omegaconf interpolation resolved after every source is merged (``omegaconf+``),
 so ``--data.max_length=256`` also reaches every ``${data.max_length}`` in the YAML. Each run writes
 into its own directory (``runs/<id>``, or ``--run_dir``): the saved ``config.yaml``, checkpoints and
-the logger's files never collide between runs. ``export`` writes a checkpoint in a format other
-tools read, and ``generate`` answers prompts with an export.
+the logger's files never collide between runs. A run that continues from a checkpoint of a run
+directory (a resumed ``fit``, a ``test`` or ``predict`` of it) writes into that directory and the
+same W&B run. ``export`` writes a checkpoint in a format other tools read, and ``generate`` answers
+prompts with an export.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import logging
 import os
+import re
+import shutil
 import sys
 import time
+import typing
+import warnings
 from pathlib import Path
+from typing import Any, NoReturn
 
-from jsonargparse import Namespace, set_parsing_settings
+import yaml
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from moei_lightning.data import DataError, MoEIDataModule
 from moei_lightning.module import MoEIModule
 
+PROG = "python -m moei_lightning"
+DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
 RUN_DIR_ENV = "MOEI_RUN_DIR"
+CONFIG_FILE = "config.yaml"
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
@@ -30,15 +46,86 @@ TOOLS = {
 }
 
 
+class MoEIArgumentParser(LightningArgumentParser):
+    """Answers a misspelt config key in one line, with the closest valid key, instead of the full usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        key = misspelt_key(message)
+        if key is None or not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        closest = difflib.get_close_matches(key, valid_keys(parser), n=1, cutoff=0.6)
+        hint = f"; did you mean '{closest[0]}'?" if closest else f"; `{parser.prog} --help` lists the keys"
+        sys.stderr.write(f"error: unknown config key '{key}'{hint}\n")
+        raise SystemExit(2)
+
+
+_MISSPELT = (
+    re.compile(r"unrecognized arguments: --([\w.]+)"),
+    re.compile(r"does not accept option '([\w.]+)'"),
+    re.compile(r"Parser key \"([\w.]+)\":.*?Option '([\w.]+)' is not accepted", re.DOTALL),
+)
+
+
+def misspelt_key(message: str) -> str | None:
+    """The unknown key a jsonargparse error message is about, or None for other errors."""
+    for pattern in _MISSPELT:
+        match = pattern.search(message)
+        if match:
+            return ".".join(match.groups())
+    return None
+
+
+def valid_keys(parser: ArgumentParser) -> list[str]:
+    """Every config key of ``parser``, including the fields of dataclass-typed sections (``model.molora.rank``)."""
+    keys = list(parser.get_defaults().keys())
+    for action in parser._actions:  # jsonargparse keeps the type of each key on its action
+        for hint in typing.get_args(getattr(action, "_typehint", None)) or (getattr(action, "_typehint", None),):
+            if dataclasses.is_dataclass(hint):
+                keys += [f"{action.dest}.{field.name}" for field in dataclasses.fields(hint)]
+    return keys
+
+
+class MoEISaveConfig(SaveConfigCallback):
+    """``config.yaml`` in the run directory, and the same resolved config in the W&B run's config and files.
+
+    In the W&B run's files the config is ``lightning_config.yaml``: W&B keeps its own ``config.yaml`` there.
+    """
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        path = Path(trainer.default_root_dir) / self.config_filename
+        for logger in loggers:
+            logger.experiment.config.update(resolved, allow_val_change=True)
+            if path.is_file():  # copied, uploaded with the run (wandb.save would symlink it, and warn)
+                shutil.copyfile(path, Path(logger.experiment.dir) / f"lightning_{path.name}")
+
+
 class MoEICLI(LightningCLI):
     """LightningCLI that gives every run its own directory and points loggers and checkpoints into it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", MoEIArgumentParser)
+        kwargs.setdefault("save_config_callback", MoEISaveConfig)
+        super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """The Trainer's subcommands, then ``export`` and ``generate`` so that ``--help`` lists them too."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, description in TOOLS.items():
+            tool = ArgumentParser(prog=f"{PROG} {name}", description=description, add_help=False)
+            parser._subcommands_action.add_subcommand(name, tool, help=f"{description} (`{PROG} {name} --help`)")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--run_dir",
             type=str | None,
             default=None,
-            help="Directory for this run's config, checkpoints and logs (default: runs/<timestamp>-<subcommand>).",
+            help="Directory for this run's config, checkpoints and logs (default: the run directory of "
+            "--ckpt_path, else runs/<timestamp>-<subcommand>).",
         )
         # Router statistics, per-aspect metrics and the progress bar for every config (docs/monitoring.md).
         from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback
@@ -56,15 +143,26 @@ class MoEICLI(LightningCLI):
         parser.add_lightning_class_args(FitSummary, "summary")
 
     def before_instantiate_classes(self) -> None:
+        subcommand = self.subcommand or "run"
+        quiet_known_noise(subcommand)
         config = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = resolve_run_dir(config.get("run_dir"), self.subcommand or "run")
+        run_dir = resolve_run_dir(config.get("run_dir"), subcommand, config.get("ckpt_path"))
+        if subcommand != "fit" and (run_dir / CONFIG_FILE).is_file():  # next to a fit: keep its config.yaml
+            self.save_config_kwargs["config_filename"] = f"config-{subcommand}.yaml"
         config.run_dir = str(run_dir)
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
-            if init_args is not None and init_args.get("save_dir", "") in (None, ".", ""):
+            if init_args is None:
+                continue
+            if init_args.get("save_dir", "") in (None, ".", ""):
                 init_args.save_dir = str(run_dir)  # loggers configured without a directory write into the run's
+            if logger.class_path.endswith("WandbLogger") and init_args.get("id") is None:
+                run_id = wandb_run_id(Path(init_args.save_dir))
+                if run_id is not None:  # the run directory already has a W&B run: continue it
+                    init_args.id = run_id
+                    init_args.resume = init_args.get("resume") or "allow"
 
     def instantiate_trainer(self, **kwargs: object) -> object:
         trainer = super().instantiate_trainer(**kwargs)
@@ -72,19 +170,28 @@ class MoEICLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+                # Lightning always passes `anonymous`, and W&B warns that the setting does nothing.
+                logger._wandb_init.pop("anonymous", None)
         return trainer
 
 
-def resolve_run_dir(requested: str | None, subcommand: str) -> Path:
+def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | None = None) -> Path:
     """The run directory, shared by every process of the run.
 
-    Processes that Lightning launches for DDP inherit it through ``MOEI_RUN_DIR``; under torchrun
-    or SLURM the launcher's job id names it, since all ranks start at once.
+    A checkpoint inside a run directory (``<run>/checkpoints/*.ckpt`` next to ``<run>/config.yaml``)
+    names it: resuming, testing or predicting continues that run's directory. Processes that
+    Lightning launches for DDP inherit the directory through ``MOEI_RUN_DIR``; under torchrun or
+    SLURM the launcher's job id names a new one, since all ranks start at once.
     """
+    owner = checkpoint_run_dir(checkpoint)
     if requested:
         run_dir = Path(requested)
     elif os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif owner is not None:
+        run_dir = owner
     else:
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = time.strftime("%Y%m%d-%H%M%S") if job == "none" else f"job{job}"
@@ -94,6 +201,53 @@ def resolve_run_dir(requested: str | None, subcommand: str) -> Path:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def checkpoint_run_dir(checkpoint: str | None) -> Path | None:
+    """The run directory a checkpoint was written into, if it is one (``<run>/checkpoints/<file>``)."""
+    if not checkpoint or checkpoint in ("last", "best", "hpc", "registry"):
+        return None
+    parent = Path(checkpoint).parent
+    if parent.name == "checkpoints" and (parent.parent / CONFIG_FILE).is_file():
+        return parent.parent
+    return None
+
+
+def wandb_run_id(save_dir: Path) -> str | None:
+    """The id of the newest W&B run under ``save_dir/wandb`` (``[offline-]run-<time>-<id>`` folders)."""
+    runs = sorted(
+        (path.name.partition("run-")[2], path.name)
+        for path in (save_dir / "wandb").glob("*run-*-*")
+        if path.is_dir()
+    )
+    return runs[-1][1].rsplit("-", 1)[1] if runs else None
+
+
+_NOISE = (
+    "💡 Tip: For seamless cloud logging",  # an advertisement, on every run
+    "Loading `train_dataloader` to estimate number of stepping batches",  # how, not what
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_known_noise(subcommand: str) -> None:
+    """Drop Lightning's and PyTorch's lines that say nothing about this run."""
+    fragments = _NOISE if subcommand == "fit" else (*_NOISE, "`Trainer(val_check_interval=")
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info writes
+    for existing in [f for f in logger.filters if isinstance(f, _DropMessages)]:
+        logger.removeFilter(existing)
+    logger.addFilter(_DropMessages(fragments))
+    # Lightning's own pytree helper calls a torch API that torch has deprecated; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def main(args: list[str] | None = None) -> MoEICLI | None:
@@ -110,7 +264,7 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
             MoEIModule,
             MoEIDataModule,
             args=args,
-            parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_kwargs={"parser_mode": "omegaconf+", "prog": PROG, "description": DESCRIPTION},
             trainer_defaults={"use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moei_lightning.backbone import BackboneConfig, load_backbone
-from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, resolve_run_dir
+from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, resolve_run_dir
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
@@ -73,13 +73,13 @@ def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path)
 
 def test_bad_config_key_names_the_key(tmp_path: Path) -> None:
     result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.lambda_intr=1", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "unrecognized arguments: --model.lambda_intr=1" in result.stderr
+    assert result.returncode == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lambda_intr: 1\n")
     result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(typo), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "does not accept option 'model.lambda_intr'" in result.stderr
+    assert result.returncode == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
 
 
 def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
@@ -97,3 +97,72 @@ def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{bad}:2" in result.stderr and "aspect" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def wandb_runs(run_dir: Path) -> list[str]:
+    """The ids of the offline W&B runs in a run directory, oldest first."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+@pytest.mark.slow
+def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_lines(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = ["--config", str(REPO / "conf" / "tiny.yaml"), "--trainer.limit_train_batches=2"]
+    common += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    common += ["--progress_bar.lines_every_n_steps=1"]
+    first = run_cli("fit", *common, "--trainer.max_epochs=1", f"--run_dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # stdout is a pipe here, as in a SLURM log: progress comes as lines, not as a redrawn bar
+    assert "train 1/2 (epoch 1/1, step 1)" in first.stdout and "train 2/2 (epoch 1/1, step 2)" in first.stdout
+    assert "validate 1/1" in first.stdout
+    output = first.stdout + first.stderr
+    for noise in ("litlogger", "anonymous setting", "LeafSpec", "estimate number of stepping batches"):
+        assert noise not in output, noise
+    (original,) = wandb_runs(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    resumed = run_cli("fit", *common, "--trainer.max_epochs=2", f"--ckpt_path={last}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no new run directory
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    tested = run_cli("test", *common, f"--ckpt_path={last}", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+    assert "val_check_interval" not in tested.stdout + tested.stderr
+    assert wandb_runs(run_dir) == [original] * 3  # one W&B run, continued twice
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config-test.yaml").is_file()
+    newest = sorted((run_dir / "wandb").glob("offline-run-*"))[-1]
+    assert (newest / "files" / "lightning_config-test.yaml").read_text() == (run_dir / "config-test.yaml").read_text()
+
+
+def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = ["--config", str(REPO / "conf" / "tiny.yaml"), f"--run_dir={tmp_path}"]
+    args.append("--model.optimizer.init_args.lr=0.01")
+    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
+    (tmp_path / "config.yaml").write_text("seed_everything: 42\n")
+    MoEISaveConfig(cli.parser, cli.config).save_config(cli.trainer, cli.model, "fit")
+    experiment = cli.trainer.logger.experiment
+    try:
+        config = experiment.config.as_dict()
+        assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01
+        assert config["trainer"]["max_epochs"] == 3 and config["data"]["batch_size"] == 8
+        assert (Path(experiment.dir) / "lightning_config.yaml").read_text() == "seed_everything: 42\n"
+    finally:
+        experiment.finish()
+
+
+def test_misspelt_key_is_one_line_with_the_closest_key(tmp_path: Path) -> None:
+    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.molora.num_expert=2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
+    ]
+
+
+def test_help_names_the_program_and_every_command(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m moei_lightning")
+    for command in ("fit", "validate", "test", "predict", "export", "generate"):
+        assert f"\n    {command} " in result.stdout, command
