@@ -1,12 +1,22 @@
-"""Test-wide settings: no network, no W&B account, and the location of the shared benchmark data."""
+"""Test-wide settings and the helpers tests share: no network, no W&B account, the shared benchmark data,
+the CLI as a subprocess, two gloo ranks, model digests and the benchmark scripts as modules."""
 
+import hashlib
+import importlib.util
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,3 +45,47 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared benchmark data not found at {SHARED_DATA} (set MOEI_SHARED_DATA to its folder)")
     return SHARED_DATA
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def preset_digest(model: torch.nn.Module, tokenizer) -> str:
+    """Weights plus the token ids of a probe sentence, so tokenizer drift shows up too."""
+    return state_digest(model) + str(tokenizer("I feel happy, naïve café!").input_ids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, fn: Callable[[int], object], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result = fn(rank)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def on_two_ranks(fn: Callable[[int], object], tmp_path: Path) -> list[object]:
+    """``fn(rank)`` in two gloo processes; returns each rank's JSON-able result."""
+    mp.spawn(_rank_main, args=(free_port(), fn, str(tmp_path)), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

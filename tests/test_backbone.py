@@ -1,11 +1,9 @@
 """Backbone loading: presets, freezing, tokenizers, local checkpoints, and the errors users see."""
 
-import hashlib
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -19,8 +17,8 @@ from moei_lightning.backbone import (
     load_tokenizer,
     resolve_kind,
 )
+from tests.conftest import REPO, preset_digest, state_digest
 
-REPO = Path(__file__).resolve().parents[1]
 PRESET_KINDS = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
 
 
@@ -31,19 +29,6 @@ def tokenizer_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOEI_CACHE", str(cache))
         yield cache
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def preset_digest(model: torch.nn.Module, tokenizer) -> str:
-    """Weights plus the token ids of a probe sentence, so tokenizer drift shows up too."""
-    return state_digest(model) + str(tokenizer("I feel happy, naïve café!").input_ids)
 
 
 def logits(model, tokenizer, kind: str) -> torch.Tensor:
@@ -72,7 +57,7 @@ def test_preset_weights_identical_across_concurrent_processes(tmp_path):
     script = (
         "import sys\n"
         "from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer\n"
-        "from tests.test_backbone import preset_digest\n"
+        "from tests.conftest import preset_digest\n"
         "cfg = BackboneConfig(name_or_path=sys.argv[1])\n"
         "print(preset_digest(load_backbone(cfg), load_tokenizer(cfg)))\n"
     )

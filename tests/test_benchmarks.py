@@ -1,20 +1,26 @@
-"""The speed benchmark runs (at a tiny size) and prints its side-by-side table and targets."""
+"""The speed benchmarks run (at a tiny size) and print their side-by-side tables and targets."""
 
-import subprocess
-import sys
+import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
-def test_molora_layer_benchmark_smoke() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "molora_layer.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
+def test_molora_layer_benchmark_smoke(capsys: pytest.CaptureFixture) -> None:
+    assert load_benchmark("molora_layer").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
     for variant in ("frozen", "own_lora_r64", "naive_loop_8", "molora_8x8"):
-        assert variant in result.stdout
-    assert "target naive_loop_8 / molora_8x8 >= 1.8" in result.stdout
+        assert variant in out
+    assert "target naive_loop_8 / molora_8x8 >= 1.8" in out
+
+
+def test_train_step_benchmark_smoke(capsys: pytest.CaptureFixture) -> None:
+    benchmark = load_benchmark("train_step")
+    assert benchmark.main(["--smoke", "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    routings = benchmark.routings()
+    expected = ["frozen", "peft_lora_r8", "lora_r8", *(f"molora_2x4_{r}" for r in routings)]
+    assert [name for name in rows if name != "variant"] == expected
+    assert "token" in routings and len(routings) >= 2
+    assert float(rows["peft_lora_r8"][3]) == 1.0  # ratios are against PEFT's LoRA
+    assert all(float(cells[0]) > 0 for name, cells in rows.items() if name != "variant")

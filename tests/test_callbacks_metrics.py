@@ -14,7 +14,7 @@ from moei_lightning.data import EiRecord, MoEIDataModule
 from moei_lightning.eval.text_metrics import score_generations
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
-from tests.test_text_metrics import on_two_ranks
+from tests.conftest import on_two_ranks
 
 POLARITY = ["positive", "negative", "neutral"]
 REPLIES = ["i am so sorry to hear that", "that sounds really hard for you"]

@@ -1,17 +1,13 @@
 """Generation scores on texts with known answers, accumulated across batches and across 2 processes."""
 
-import json
 import math
-import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moei_lightning.eval.text_metrics import GENERATION_KEYS, GenerationMetrics, distinct_n, score_generations
+from tests.conftest import on_two_ranks
 
 PREDICTIONS = ["the cat sat", "a b c d", "hello there", ""]
 REFERENCES = ["the cat ran away", "a b c d e", "hello there friend", "nothing"]
@@ -54,27 +50,6 @@ def test_batches_add_up_to_the_corpus() -> None:
     for start in range(0, len(PREDICTIONS), 3):
         metrics.update(PREDICTIONS[start : start + 3], REFERENCES[start : start + 3])
     assert metrics.compute() == pytest.approx(score_generations(PREDICTIONS, REFERENCES))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, fn: Callable[[int], object], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        result = fn(rank)
-    finally:
-        dist.destroy_process_group()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-
-
-def on_two_ranks(fn: Callable[[int], object], tmp_path: Path) -> list[object]:
-    """``fn(rank)`` in two gloo processes; returns each rank's JSON-able result."""
-    mp.spawn(_rank_main, args=(free_port(), fn, str(tmp_path)), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def _generation_on_rank(rank: int) -> dict[str, float]:
