@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from moei_lightning.architectures import PUBLISHED
 from moei_lightning.data import IGNORE_INDEX
 from moei_lightning.eval.scoring import sequence_logprobs
+from moei_lightning.module import balance_loss, is_routing_parameter
 from moei_lightning.molora import (
     MoLoRAConfig,
     MoLoRALinear,
@@ -326,3 +327,22 @@ def test_full_size_parameter_counts_on_meta_device() -> None:
     per_t5_layer = molora_parameters(2048, 2048, 8, 8, "gate")  # q, v: 32 heads x d_kv 64 = 2048
     assert count(t5) == (24 * 2 + 24 * 4) * per_t5_layer == 40_403_088
     assert math.isclose(count(llama) / sum(p.numel() for p in llama.parameters()), 0.00431, rel_tol=0.01)
+
+
+def test_plain_lora_does_no_routing_work_and_records_weight_one_when_read() -> None:
+    config = MoLoRAConfig(num_experts=1, rank=4, dropout=0.0, inter="none", routing="token")
+    model = inject_molora(tiny_llama(), config)
+    assert all(block.router is None and block.gate is None for block in molora_layers(model).values())
+    assert not any(is_routing_parameter(name) for name, p in model.named_parameters() if p.requires_grad)
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    model(input_ids=ids, attention_mask=mask)
+    records = model.molora_recorder.records
+    assert len(records) == 4
+    record = next(iter(records.values()))
+    assert "probs" not in vars(record) and record.num_experts == 1  # nothing was built in the forward
+    assert record.gate is None
+    torch.testing.assert_close(record.probs, torch.ones(10, 1))
+    assert record.example_index.tolist() == [0] * 6 + [1] * 4
+    assert float(balance_loss(list(records.values()))) == 1.0

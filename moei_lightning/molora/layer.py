@@ -6,6 +6,7 @@ The experts are stored stacked (``lora_A``: (K*r, d_in), ``lora_B``: (d_out, K*r
 costs two matmuls whatever K is: ``h = x A^T``, scale each expert's r columns of ``h`` by its
 weight ``g * p_k * alpha / r``, then accumulate ``h B^T`` into the frozen output with ``addmm_``. No loop
 over experts, no (tokens, K, d_out) tensor. Router and gate math runs in fp32, also under autocast.
+One expert without an inter gate is plain LoRA: it has no router and does no routing work at all.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class MoLoRALinear(nn.Module):
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(stacked_rank, d_in, **factory))
         self.lora_B = nn.Parameter(torch.empty(d_out, stacked_rank, **factory))
-        self.router = nn.Linear(d_in, config.num_slots, bias=False, **factory)
+        # One expert and no gate: the router's softmax would always be 1, so there is none (plain LoRA).
+        plain_lora = config.num_experts == 1 and config.inter == "none"
+        self.router = None if plain_lora else nn.Linear(d_in, config.num_slots, bias=False, **factory)
         self.gate = nn.Linear(d_in, 1, **factory) if config.inter == "gate" else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters()
@@ -60,7 +63,8 @@ class MoLoRALinear(nn.Module):
         """A: Kaiming-uniform, B: zeros, so a fresh block returns exactly ``W0 x``."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        nn.init.normal_(self.router.weight, std=self.config.router_init_std)
+        if self.router is not None:
+            nn.init.normal_(self.router.weight, std=self.config.router_init_std)
         if self.gate is not None:
             nn.init.normal_(self.gate.weight, std=self.config.router_init_std)
             nn.init.constant_(self.gate.bias, self.config.gate_bias_init)
@@ -73,14 +77,31 @@ class MoLoRALinear(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 else 1  # a 2-D input is a batch of single tokens
         flat_x = x.reshape(-1, x.shape[-1])
         y = self.base_layer(flat_x)  # 2-D and not a view, so the delta can be accumulated into it in place
+        if self.router is None:  # plain LoRA: no router, no softmax, a record only its readers pay for
+            if self.recorder is not None:
+                per_sequence = self.config.routing == "prompt"
+                sequences = flat_x.shape[0] // seq_len
+                self.recorder.record_uniform(self.name, self.stream, sequences, seq_len, x.device, per_sequence)
+            h = F.linear(self._adapter_input(flat_x), self.lora_A)
+            return self._accumulate(y, h, self.config.scaling).view(*x.shape[:-1], y.shape[-1])
         h, logits = self._project(flat_x, seq_len)
-        weights = self._expert_weights(logits, seq_len)  # (tokens, K) fp32, gate and alpha/r folded in
-        h = h * weights.repeat_interleave(self.config.rank, dim=-1).to(h.dtype)
+        # (sequences, seq_len or 1, K) fp32, gate and alpha/r folded in; broadcast over each expert's r columns
+        weights = self._expert_weights(logits, seq_len)
+        experts, rank = self.config.num_experts, self.config.rank
+        h = (h.view(weights.shape[0], -1, experts, rank) * weights.unsqueeze(-1).to(h.dtype)).view(h.shape)
+        return self._accumulate(y, h, 1.0).view(*x.shape[:-1], y.shape[-1])
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout, then the adapters' dtype; under autocast the matmul casts by itself, so no fp32 copy is made."""
+        x = self.dropout(x)
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+
+    def _accumulate(self, y: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
+        """``y + scale * h B^T``: in place into the frozen output when the dtypes agree."""
         if y.dtype == h.dtype == self.lora_B.dtype:
-            y = y.addmm_(h, self.lora_B.t())
-        else:  # autocast or a half-precision backbone: the delta is cast to the output's dtype
-            y = y + F.linear(h, self.lora_B).to(y.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+            return y.addmm_(h, self.lora_B.t(), alpha=scale)
+        # autocast or a half-precision backbone: the delta is cast to the output's dtype
+        return y + F.linear(h if scale == 1.0 else h * scale, self.lora_B).to(y.dtype)
 
     def _project(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``h = A dropout(x)`` (tokens, K*r) and the fp32 router (+ gate) logits (sequences, seq_len or 1, .).
@@ -102,7 +123,7 @@ class MoLoRALinear(nn.Module):
                 [self.lora_A.shape[0], routing_weight.shape[0]], dim=-1
             )
             return h, logits.view(-1, seq_len, logits.shape[-1])
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        h = F.linear(self._adapter_input(x), self.lora_A)
         with torch.autocast(device_type=x.device.type, enabled=False):
             source = self._routing_input(x.float().view(-1, seq_len, x.shape[-1]))
             bias = None if routing_bias is None else routing_bias.float()
@@ -116,10 +137,10 @@ class MoLoRALinear(nn.Module):
         return weight, F.pad(self.gate.bias, (self.router.weight.shape[0], 0))
 
     def _expert_weights(self, logits: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """Per-token expert weights ``g * p_k * alpha / r`` (tokens, K) in fp32; records g and p."""
+        """Expert weights ``g * p_k * alpha / r`` (sequences, seq_len or 1, K) in fp32; records g and p."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
-            slots, experts = self.config.num_slots, self.config.num_experts
+            slots = self.config.num_slots
             probs = torch.softmax(logits[..., :slots] / self.config.router_temperature, dim=-1)
             if self.config.top_k is not None and self.config.top_k < slots:
                 kept = probs.topk(self.config.top_k, dim=-1).indices
@@ -138,8 +159,7 @@ class MoLoRALinear(nn.Module):
                 self.recorder.record(
                     self.name, self.stream, gate, expert_probs, per_sequence=self.config.routing == "prompt"
                 )
-            shape = (logits.shape[0], seq_len)  # prompt routing broadcasts one decision over its tokens
-            return (weights * self.config.scaling).expand(*shape, experts).reshape(-1, experts)
+            return weights * self.config.scaling  # prompt routing: one decision, broadcast over its tokens
 
     def _routing_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token routing sees each token; prompt routing sees the mean of each sequence's prompt tokens.

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -43,6 +44,75 @@ class RoutingRecord:
     example_index: torch.Tensor
     stream: Stream
 
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+
+class RealTokens:
+    """Which cells of a (batch, length) grid are real tokens, for every layer of one stream in one forward.
+
+    The index is computed once, on first use (a boolean mask index would cost every layer a nonzero
+    and, on a GPU, a host sync); a forward whose records nobody reads never computes it.
+    """
+
+    def __init__(
+        self, mask: torch.Tensor | None, batch: int, length: int, device: torch.device, source: object = None
+    ) -> None:
+        self.mask, self.batch, self.length, self.device = mask, batch, length, device
+        self.source = source  # the attention mask ``mask`` was cut from: a new forward's mask is another object
+
+    @cached_property
+    def index(self) -> torch.Tensor | None:
+        """Flat positions of the real tokens, or None when every token is real."""
+        return None if self.mask is None else self.mask.reshape(-1).nonzero().squeeze(1)
+
+    @cached_property
+    def example_index(self) -> torch.Tensor:
+        rows = torch.arange(self.batch, device=self.device)
+        grid = rows.repeat_interleave(self.length)
+        return grid if self.index is None else grid[self.index]
+
+    def take(self, grid: torch.Tensor) -> torch.Tensor:
+        """The real tokens' rows of a (batch, length, C) tensor, as (N, C)."""
+        flat = grid.reshape(self.batch * self.length, grid.shape[-1])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+
+class LazyRecord(RoutingRecord):
+    """A record cut out of the layer's (batch, length, .) tensors when first read, so writing it costs nothing."""
+
+    def __init__(
+        self, stream: Stream, tokens: RealTokens, gate: torch.Tensor | None, probs: torch.Tensor | None, experts: int
+    ) -> None:
+        self.stream, self._tokens, self._gate, self._probs, self._experts = stream, tokens, gate, probs, experts
+
+    @cached_property
+    def gate(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._gate is None else self._tokens.take(self._gate).squeeze(-1)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:  # type: ignore[override]
+        if self._probs is None:  # one expert: its weight is 1 on every token
+            return torch.ones(self.example_index.shape[0], 1, device=self._tokens.device)
+        return self._tokens.take(self._probs)
+
+    @cached_property
+    def example_index(self) -> torch.Tensor:  # type: ignore[override]
+        return self._tokens.example_index
+
+    @property
+    def num_experts(self) -> int:
+        return self._experts
+
+    @property
+    def device(self) -> torch.device:
+        return self._tokens.device
+
 
 class RoutingRecorder:
     """Collects one :class:`RoutingRecord` per adapted layer for the current forward."""
@@ -55,9 +125,20 @@ class RoutingRecorder:
         self.prompt_mask: torch.Tensor | None = None
         self.prompt_cache: dict[str, torch.Tensor] = {}
         self.encoder_summary: torch.Tensor | None = None
+        self._real_tokens: dict[tuple[Stream, int, int], RealTokens] = {}
 
     def clear(self) -> None:
         self.records = {}
+        self._real_tokens = {}
+
+    def real_tokens(self, stream: Stream, batch: int, length: int, device: torch.device) -> RealTokens:
+        """The real tokens of ``stream`` for an input of this shape, shared by the stream's layers."""
+        key = (stream, batch, length)
+        tokens = self._real_tokens.get(key)
+        if tokens is None or tokens.source is not self.masks[stream]:
+            tokens = RealTokens(self.token_mask(stream, batch, length), batch, length, device, self.masks[stream])
+            self._real_tokens[key] = tokens
+        return tokens
 
     @contextmanager
     def prompt(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -122,25 +203,24 @@ class RoutingRecorder:
         """
         if not self.enabled:
             return
-        batch, length = probs.shape[0], probs.shape[1]
-        if per_sequence:
-            self.records[name] = RoutingRecord(
-                gate=None if gate is None else gate.reshape(batch),
-                probs=probs.reshape(batch, -1),
-                example_index=torch.arange(batch, device=probs.device),
-                stream=stream,
-            )
+        tokens = self._decisions(stream, probs.shape[0], probs.shape[1], probs.device, per_sequence)
+        self.records[name] = LazyRecord(stream, tokens, gate, probs, probs.shape[-1])
+
+    def record_uniform(
+        self, name: str, stream: Stream, batch: int, length: int, device: torch.device, per_sequence: bool = False
+    ) -> None:
+        """Record a layer with one expert and no gate (plain LoRA): weight 1 everywhere, built only if read."""
+        if not self.enabled:
             return
-        mask = self.token_mask(stream, batch, length)
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=probs.device)
-        example_index = torch.arange(batch, device=probs.device)[:, None].expand(batch, length)[mask]
-        self.records[name] = RoutingRecord(
-            gate=None if gate is None else gate.squeeze(-1)[mask],
-            probs=probs[mask],
-            example_index=example_index,
-            stream=stream,
+        self.records[name] = LazyRecord(
+            stream, self._decisions(stream, batch, length, device, per_sequence), None, None, 1
         )
+
+    def _decisions(
+        self, stream: Stream, batch: int, length: int, device: torch.device, per_sequence: bool
+    ) -> RealTokens:
+        """Where a layer's decisions are: one per sequence (prompt routing), else one per real token."""
+        return RealTokens(None, batch, 1, device) if per_sequence else self.real_tokens(stream, batch, length, device)
 
     def attach(self, model: nn.Module, encoder: nn.Module | None) -> list[torch.utils.hooks.RemovableHandle]:
         """Hook ``model`` (and its encoder) so every forward starts a fresh record with its masks."""
