@@ -74,3 +74,40 @@ def test_resume_mid_epoch_ends_with_the_same_adapters(tmp_path: Path) -> None:
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][key]), key
+
+
+def test_gate_loss_balances_classes_and_counts_one_decision_per_prompt() -> None:
+    """Prompt routing: the gate loss is a BCE over one decision per sequence and layer, EI and GI halves."""
+    seed_everything(0)
+    module = MoEIModule(backbone=BackboneConfig(name_or_path="tiny-llama"), molora=MoLoRAConfig(num_experts=2))
+    module.configure_model()
+    data = MoEIDataModule(batch_size=8, gi_ratio=0.25, max_length=256)
+    data.attach(module.tokenizer, module.kind)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    terms = module.losses(batch)
+    gates = [r.gate for r in module.recorder.records.values()]
+    assert all(g.shape == (8,) for g in gates)  # one decision per sequence, not per token
+    ei = batch["domain"].bool()
+    bce = [torch.nn.functional.binary_cross_entropy(g, ei.float(), reduction="none") for g in gates]
+    expected = torch.stack([0.5 * b[ei].mean() + 0.5 * b[~ei].mean() for b in bce]).mean()
+    torch.testing.assert_close(terms["inter"], expected)
+    module.gate_loss_balance = False
+    torch.testing.assert_close(module.losses(batch)["inter"], torch.stack([b.mean() for b in bce]).mean())
+
+
+def test_router_and_gate_train_in_their_own_group_at_a_scaled_rate(tmp_path: Path) -> None:
+    module = MoEIModule(
+        backbone=BackboneConfig(name_or_path="tiny-llama"),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3),
+        router_lr_scale=10.0,
+    )
+    module.configure_model()
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
+    module.trainer = trainer
+    optimizer = module.configure_optimizers()["optimizer"]
+    adapters, routing = optimizer.param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in routing["params"]} == {"router", "gate"}
+    assert all("lora_" in names[id(p)] for p in adapters["params"])
+    assert (adapters["initial_lr"], routing["initial_lr"]) == (2e-3, pytest.approx(2e-2))

@@ -1,0 +1,291 @@
+"""Both matter: EI goes up and GI stays where it was, measured on the project's own defaults.
+
+Runs full fine-tuning, LoRA, MoEI and the two ablations (without intra: K=1; without inter:
+``inter: none``) through the project's own CLI (``moei_lightning.cli.main``, in process), from the
+same config (default ``conf/tiny.yaml``: the shipped GI-pretrained backbone and the bundled synthetic
+EI/GI data), with the same steps and data. Every number comes from the ``FitSummary`` each fit
+writes (``summary.json``): multiple-choice ``acc_norm`` on the test split, EI per aspect, GI per
+dimension, the mean inter gate on EI and GI prompts.
+
+Learning rates: each method tries its grid (``LR_GRID``) with the first seed; the rate with the best
+validation score, the mean of EI and GI validation accuracy, is kept for every seed (the test split
+is never used to choose). ``--quick`` runs one seed at each grid's middle rate, without the search.
+
+    python benchmarks/both_matter.py                       # 3 seeds, learning-rate search: ~30 min on 2 cores
+    python benchmarks/both_matter.py --quick               # 1 seed, no search: under 5 minutes
+    python benchmarks/both_matter.py --out results.json --figure both_matter.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+METHODS: dict[str, list[str]] = {
+    "full": ["--model.adapter=full"],
+    "lora": ["--model.adapter=lora"],
+    "moei": [],
+    "moei_no_intra": ["--model.molora.num_experts=1"],
+    "moei_no_inter": ["--model.molora.inter=none"],
+}
+LABELS = {
+    "full": "Full fine-tuning",
+    "lora": "LoRA",
+    "moei": "MoEI",
+    "moei_no_intra": "MoEI w/o intra (K=1)",
+    "moei_no_inter": "MoEI w/o inter",
+}
+LR_GRID: dict[str, list[float]] = {
+    "full": [1e-4, 3e-4, 1e-3],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "moei": [1e-3, 3e-3, 1e-2],
+    "moei_no_intra": [1e-3, 3e-3, 1e-2],
+    "moei_no_inter": [1e-3, 3e-3, 1e-2],
+}
+# Only the fit and its summary: no per-epoch validation metrics, router statistics or logger.
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.limit_val_batches=0",
+    "--ei_metrics.stages=[]",
+    "--router_stats.stages=[]",
+    "--progress_bar.refresh_rate=0",
+    "--summary.splits=[val,test]",
+]
+
+
+def fit(config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
+    """One fit through the project's CLI; its summary.json plus the wall time."""
+    from moei_lightning.cli import RUN_DIR_ENV, main
+
+    args = [
+        "fit",
+        f"--config={config}",
+        f"--run_dir={run_dir}",
+        f"--seed_everything={seed}",
+        f"--model.optimizer.init_args.lr={lr}",
+        *QUIET,
+        *METHODS[method],
+        *extra,
+    ]
+    os.environ.pop(RUN_DIR_ENV, None)
+    start = time.perf_counter()
+    main(args)
+    wall = time.perf_counter() - start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wall_s"] = wall
+    return summary
+
+
+def validation_score(summary: dict[str, Any]) -> float:
+    """What the learning-rate search maximises: mean of EI and GI validation accuracy after the fit."""
+    after = summary["splits"]["val"]["after"]
+    return (after["ei"]["avg"] + after["gi"]["avg"]) / 2
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work_dir)
+    seeds = list(range(args.seeds))
+    results: dict[str, Any] = {"config": str(args.config), "seeds": seeds, "methods": {}}
+    for method in args.methods:
+        grid = LR_GRID[method]
+        runs: dict[float, dict[str, Any]] = {}
+        if args.quick:
+            chosen = grid[len(grid) // 2]
+        else:
+            for lr in grid:
+                runs[lr] = fit(args.config, method, lr, seeds[0], work / f"{method}-lr{lr:g}-s{seeds[0]}", args.extra)
+                print(f"[{method}] lr {lr:g}: validation score {validation_score(runs[lr]):.2f}", flush=True)
+            chosen = max(grid, key=lambda lr: validation_score(runs[lr]))
+        per_seed = [runs[chosen] if seed == seeds[0] and chosen in runs else None for seed in seeds]
+        for i, seed in enumerate(seeds):
+            if per_seed[i] is None:
+                per_seed[i] = fit(
+                    args.config, method, chosen, seed, work / f"{method}-lr{chosen:g}-s{seed}", args.extra
+                )
+        tests = [s["splits"]["test"] for s in per_seed]
+        results.setdefault("base", _base(tests[0]["before"]))
+        results["methods"][method] = {
+            "lr": chosen,
+            "lr_grid": grid if not args.quick else [chosen],
+            "ei": [t["after"]["ei"]["avg"] for t in tests],
+            "gi": [t["after"]["gi"]["avg"] for t in tests],
+            "gate_ei": [t["after"]["gate_ei"] for t in tests],
+            "gate_gi": [t["after"]["gate_gi"] for t in tests],
+            "ei_aspects": [_groups(t["after"]["ei"]) for t in tests],
+            "gi_dimensions": [_groups(t["after"]["gi"]) for t in tests],
+            "trainable_parameters": per_seed[0]["trainable_parameters"],
+            "wall_s": [s["wall_s"] for s in per_seed],
+        }
+        print(
+            f"[{method}] lr {chosen:g}: EI {_mean(results['methods'][method]['ei']):.1f} "
+            f"GI {_mean(results['methods'][method]['gi']):.1f}",
+            flush=True,
+        )
+    return results
+
+
+def _base(before: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ei": before["ei"]["avg"],
+        "gi": before["gi"]["avg"],
+        "ei_aspects": _groups(before["ei"]),
+        "gi_dimensions": _groups(before["gi"]),
+    }
+
+
+def _groups(accuracy: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in accuracy.items() if key != "avg"}
+
+
+def _mean(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else float("nan")
+
+
+def _pm(values: list[float | None], digits: int = 1) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "n/a"
+    if len(present) == 1:
+        return f"{present[0]:.{digits}f}"
+    return f"{statistics.fmean(present):.{digits}f}±{statistics.stdev(present):.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The paper-shaped table: EI per aspect, GI per dimension, changes against the base, gates, time."""
+    base = results["base"]
+    aspects, dims = list(base["ei_aspects"]), list(base["gi_dimensions"])
+    header = ["method", *aspects, "EI", "ΔEI", *dims, "GI", "ΔGI", "gate EI", "gate GI", "wall s"]
+    rows = [
+        [
+            "base (backbone)",
+            *[f"{base['ei_aspects'][a]:.1f}" for a in aspects],
+            f"{base['ei']:.1f}",
+            "",
+            *[f"{base['gi_dimensions'][d]:.1f}" for d in dims],
+            f"{base['gi']:.1f}",
+            "",
+            "",
+            "",
+            "",
+        ]
+    ]
+    for name, m in results["methods"].items():
+        rows.append(
+            [
+                f"{LABELS[name]} (lr {m['lr']:g})",
+                *[_pm([s[a] for s in m["ei_aspects"]]) for a in aspects],
+                _pm(m["ei"]),
+                f"{_mean(m['ei']) - base['ei']:+.1f}",
+                *[_pm([s[d] for s in m["gi_dimensions"]]) for d in dims],
+                _pm(m["gi"]),
+                f"{_mean(m['gi']) - base['gi']:+.1f}",
+                _pm(m["gate_ei"], 3),
+                _pm(m["gate_gi"], 3),
+                f"{_mean(m['wall_s']):.0f}",
+            ]
+        )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The claim, checked: MoEI keeps GI on every seed and dimension, gains at least LoRA's EI, gates shut on GI."""
+    base, methods = results["base"], results["methods"]
+    checks = []
+    if "moei" in methods:
+        moei = methods["moei"]
+        checks.append(("MoEI GI change >= -1.0 on every seed", all(g - base["gi"] >= -1.0 for g in moei["gi"])))
+        checks.append(
+            (
+                "MoEI every GI dimension within 2 points on every seed",
+                all(abs(s[d] - base["gi_dimensions"][d]) <= 2.0 for s in moei["gi_dimensions"] for d in s),
+            )
+        )
+        checks.append(("MoEI mean gate on GI <= 0.05", _mean(moei["gate_gi"]) <= 0.05))
+        checks.append(("MoEI mean gate on EI >= 0.9", _mean(moei["gate_ei"]) >= 0.9))
+        if "lora" in methods:
+            checks.append(
+                ("MoEI EI gain >= LoRA EI gain (mean over seeds)", _mean(moei["ei"]) >= _mean(methods["lora"]["ei"]))
+            )
+    return checks
+
+
+def figure(results: dict[str, Any], path: Path) -> None:
+    """EI and GI change against the base per method, with one dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, methods = results["base"], results["methods"]
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.38
+    for offset, (domain, colour) in zip((-width / 2, width / 2), (("ei", "tab:red"), ("gi", "tab:blue"))):
+        changes = [[v - base[domain] for v in methods[n][domain]] for n in names]
+        xs = [i + offset for i in range(len(names))]
+        ax.bar(
+            xs,
+            [statistics.fmean(c) for c in changes],
+            width,
+            color=colour,
+            alpha=0.75,
+            label=f"{domain.upper()} change (points)",
+        )
+        for x, c in zip(xs, changes):
+            ax.scatter([x] * len(c), c, color="black", s=8, zorder=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), [LABELS[n] for n in names], rotation=15)
+    ax.set_ylabel("accuracy change vs backbone")
+    ax.set_title(f"EI gained and GI kept (base EI {base['ei']:.1f}, GI {base['gi']:.1f}; dots: seeds)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", type=Path, default=REPO / "conf" / "tiny.yaml", help="the config every method starts from"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (0..N-1)")
+    parser.add_argument("--quick", action="store_true", help="one seed, each grid's middle learning rate, no search")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("both_matter.json"), help="results JSON")
+    parser.add_argument("--figure", type=Path, default=Path("both_matter.png"), help="figure path (PNG)")
+    parser.add_argument("--work-dir", default="runs/both_matter", help="where the runs' directories go")
+    parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = 1
+    start = time.perf_counter()
+    results = run(args)
+    results["wall_s"] = time.perf_counter() - start
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print()
+    for text, ok in targets(results):
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    try:
+        figure(results, args.figure)
+        print(f"\nfigure: {args.figure}")
+    except ImportError:
+        print("\nfigure skipped: matplotlib is not installed (pip install matplotlib)")
+    print(f"results: {args.out}  ({results['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
