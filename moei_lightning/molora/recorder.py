@@ -123,6 +123,7 @@ class RoutingRecorder:
         self.enabled = True
         self.continues_cache = False
         self.prompt_mask: torch.Tensor | None = None
+        self.forward_prompt: torch.Tensor | None = None  # the prompt mask the current forward started with
         self.prompt_cache: dict[str, torch.Tensor] = {}
         self.encoder_summary: torch.Tensor | None = None
         self._real_tokens: dict[tuple[Stream, int, int], RealTokens] = {}
@@ -145,9 +146,12 @@ class RoutingRecorder:
         """Within this block, decoder-stream prompt routing pools only the tokens ``mask`` marks.
 
         ``mask`` is (batch, P): the first ``P`` positions of every following forward, where true.
-        Positions past ``P`` (a target, tokens generated without a cache) are never pooled.
+        Positions past ``P`` (a target, tokens generated without a cache) are never pooled. Each
+        forward keeps the mask it started with until the next forward, so blocks that activation
+        checkpointing recomputes during backward, after this block has ended, pool the same tokens.
         """
         previous, self.prompt_mask = self.prompt_mask, mask
+        self.forward_prompt = mask
         try:
             yield
         finally:
@@ -156,9 +160,9 @@ class RoutingRecorder:
     def prompt_token_mask(self, stream: Stream, batch: int, length: int) -> torch.Tensor | None:
         """The (batch, length) bool mask of the prompt's real tokens, or None when every token counts."""
         mask = self.token_mask(stream, batch, length)
-        if stream != "decoder" or self.prompt_mask is None:
+        if stream != "decoder" or self.forward_prompt is None:
             return mask
-        prompt = self.prompt_mask.bool()
+        prompt = self.forward_prompt.bool()
         if prompt.shape[0] != batch:
             raise ValueError(
                 f"the prompt mask covers {prompt.shape[0]} sequences but the forward has {batch}; "
@@ -248,6 +252,7 @@ class RoutingRecorder:
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             bound = signature.bind_partial(*args, **kwargs).arguments
             self.clear()
+            self.forward_prompt = self.prompt_mask
             past = bound.get("past_key_values", bound.get("cache"))  # transformers 5 names it `cache`
             self.continues_cache = _cached_length(past) > 0
             if is_encoder_decoder:
