@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
+
+from moei_lightning.molora.errors import MoLoRAError
 
 Routing = Literal["token", "prompt"]
 InterMode = Literal["gate", "slot", "none"]
@@ -66,10 +69,21 @@ class MoLoRAConfig:
             problems.append(f"inter must be 'gate', 'slot' or 'none', got {self.inter!r}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_slots:
             problems.append(f"top_k must be in [1, {self.num_slots}] or null, got {self.top_k}")
-        if self.router_temperature <= 0:
-            problems.append(f"router_temperature must be > 0, got {self.router_temperature}")
+        if not (math.isfinite(self.router_temperature) and self.router_temperature > 0):
+            problems.append(f"router_temperature must be a finite number > 0, got {self.router_temperature}")
+        if not math.isfinite(self.alpha):
+            problems.append(f"alpha must be a finite number, got {self.alpha}")
+        if not math.isfinite(self.gate_bias_init):
+            problems.append(f"gate_bias_init must be a finite number, got {self.gate_bias_init}")
+        if not (math.isfinite(self.router_init_std) and self.router_init_std >= 0):
+            problems.append(f"router_init_std must be a finite number >= 0, got {self.router_init_std}")
+        if self.target_modules is not None and not self.target_modules:
+            problems.append(
+                f"target_modules is empty ({self.target_modules!r}); list layer names, give a regex, "
+                "or use null for the model family's default"
+            )
         if problems:
-            raise ValueError("invalid MoLoRAConfig: " + "; ".join(problems))
+            raise MoLoRAError("invalid MoLoRAConfig: " + "; ".join(problems))
 
     @property
     def scaling(self) -> float:
@@ -89,7 +103,7 @@ class MoLoRAConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MoLoRAConfig keys {unknown}; known keys are {sorted(known)}")
+            raise MoLoRAError(f"unknown MoLoRAConfig keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -100,5 +114,5 @@ class MoLoRAConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+            raise MoLoRAError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
         return cls.from_dict(data)

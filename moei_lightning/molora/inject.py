@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moei_lightning.molora.config import MoLoRAConfig
+from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.molora.layer import MoLoRALinear
 from moei_lightning.molora.recorder import RoutingRecorder, Stream
 
@@ -28,7 +29,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     """The family default: LLaMA-like ``q_proj, v_proj``, T5 ``q, v``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
-        raise ValueError(
+        raise MoLoRAError(
             f"no default target_modules for model_type {model_type!r}; set molora.target_modules to "
             f"names from: {', '.join(linear_layer_patterns(model))}"
         )
@@ -52,7 +53,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
         selected = [n for n in linear_names if any(n == t or n.endswith("." + t) for t in target_modules)]
         unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear_names)]
     if unmatched:
-        raise ValueError(
+        raise MoLoRAError(
             f"molora.target_modules entries {unmatched} match no linear layer of this "
             f"{type(model).__name__}; its linear layers are: {', '.join(linear_layer_patterns(model))}"
         )
