@@ -100,7 +100,7 @@ def test_records_from_folder_defaults_and_missing_paths(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ["", {**no_id, "input": ""}])  # blank lines are not records
     (tmp_path / "notes.txt").write_text("ignored: not *.jsonl")
     records = load_records([tmp_path])
-    assert [r.id for r in records] == ["a:2", "b"]  # files by name; default id is <stem>:<line>
+    assert [r.id for r in records] == ["ei/a:2", "b"]  # files by name; default id is <domain>/<stem>:<line>
     assert records[0].input == "" and records[0].choices is None
     assert records[0].source.endswith("a.jsonl:2")
     with pytest.raises(DataError, match="no such file or folder"):

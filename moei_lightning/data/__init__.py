@@ -4,7 +4,7 @@ from moei_lightning.data.collate import Collator
 from moei_lightning.data.datamodule import SAMPLES_DIR, MoEIDataModule
 from moei_lightning.data.encode import IGNORE_INDEX, DataReport, Encoder, Example, Kind
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter, render_choices
-from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
+from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_prompts, load_records
 from moei_lightning.data.sampling import EpochPermutation, EvalBatchSampler, MixedBatchSampler, gi_per_batch
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "MoEIDataModule",
     "PromptFormatter",
     "gi_per_batch",
+    "load_prompts",
     "load_records",
     "render_choices",
 ]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from moei_lightning.data.collate import Collator
 from moei_lightning.data.encode import DataReport, Encoder, Example, Kind
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter
-from moei_lightning.data.records import DataError, EiRecord, load_records
+from moei_lightning.data.records import DataError, EiRecord, check_unique_ids, load_prompts, load_records
 from moei_lightning.data.sampling import EvalBatchSampler, MixedBatchSampler
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -69,6 +69,8 @@ class MoEIDataModule(LightningDataModule):
         seed: Seed of the training shuffle (epoch ``n`` uses ``seed + n``) and of ``max_train_examples``.
         max_train_examples: For quick runs: keep at most this many EI and this many GI training
             records, a seeded random subset in file order. None keeps all.
+        predict: What ``predict`` generates for: ``.txt`` files (one instruction a line) or ``.jsonl``
+            files (records; only ``instruction`` is required), or folders of them. None: the test split.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class MoEIDataModule(LightningDataModule):
         use_chat_template: bool = True,
         seed: int = 42,
         max_train_examples: int | None = None,
+        predict: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +120,7 @@ class MoEIDataModule(LightningDataModule):
             "gi_test": gi_test,
         }
         self.paths = {key: [value] if isinstance(value, str) else list(value) for key, value in given.items()}
+        self.predict_paths = None if predict is None else [predict] if isinstance(predict, str) else list(predict)
         self.gi_ratio = gi_ratio
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -148,7 +152,7 @@ class MoEIDataModule(LightningDataModule):
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}")
         if self.tokenizer is None:
             self._attach_from_trainer()
-        for split in _STAGE_SPLITS[stage]:
+        for split in self._splits(stage):
             if split not in self._examples:
                 self._prepare(split)
                 rank_zero_info(self.reports[split].summary())
@@ -173,8 +177,11 @@ class MoEIDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The test set, as for :meth:`test_dataloader`."""
-        return self._eval_loader("test")
+        """The ``predict`` prompts when given, else the test set, as for :meth:`test_dataloader`."""
+        return self._eval_loader(self._splits("predict")[0])
+
+    def _splits(self, stage: str) -> tuple[str, ...]:
+        return ("predict",) if stage == "predict" and self.predict_paths else _STAGE_SPLITS[stage]
 
     def examples(self, split: str) -> list[Example]:
         """The tokenised examples of a prepared split (``train``, ``val``, ``test``): EI first, then GI."""
@@ -226,7 +233,11 @@ class MoEIDataModule(LightningDataModule):
         self.attach(tokenizer, kind)
 
     def _prepare(self, split: str) -> None:
+        if split == "predict":
+            self._examples[split], self.reports[split] = self._encoder.encode(load_prompts(self.predict_paths), split)
+            return
         ei, gi = self._load("ei", split), self._load("gi", split)
+        check_unique_ids(ei + gi)
         loaded = len(ei) + len(gi)
         if split == "train" and self.max_train_examples is not None:
             ei, gi = self._cap(ei), self._cap(gi)

@@ -50,29 +50,79 @@ def load_records(paths: Iterable[str | Path]) -> list[EiRecord]:
 
     Ids must be unique over all the paths together, since metrics and predictions are keyed by id.
     """
-    records: list[EiRecord] = []
-    seen: dict[str, str] = {}
-    for file in _expand(paths):
-        for record in _read_file(file):
-            if record.id in seen:
-                raise DataError(
-                    f"{record.source}: field 'id': duplicate id {record.id!r}, first seen at "
-                    f"{seen[record.id]}; ids must be unique across all files of a split"
-                )
-            seen[record.id] = record.source
-            records.append(record)
+    records = [record for file in _expand(paths) for record in _read_file(file)]
+    check_unique_ids(records)
     return records
 
 
-def _expand(paths: Iterable[str | Path]) -> list[Path]:
+def check_unique_ids(records: Iterable[EiRecord]) -> None:
+    """Every id once: metrics, per-aspect tables and predictions are keyed by id, so a repeat would be lost."""
+    seen: dict[str, str] = {}
+    for record in records:
+        if record.id in seen:
+            raise DataError(
+                f"{record.source}: field 'id': duplicate id {record.id!r}, first seen at "
+                f"{seen[record.id]}; ids must be unique across all files of a split (EI and GI together)"
+            )
+        seen[record.id] = record.source
+
+
+def load_prompts(paths: Iterable[str | Path]) -> list[EiRecord]:
+    """Prompts to generate for, from ``.txt`` files (one instruction a line) or ``.jsonl`` files.
+
+    A JSONL line needs only ``instruction``; ``id``, ``input``, ``task``, ``aspect``, ``choices`` and
+    ``output`` (a reference, written beside the prediction) are optional. Folders are read for both
+    suffixes, by name.
+    """
+    records = [record for file in _expand(paths, ("*.jsonl", "*.txt")) for record in _read_prompts(file)]
+    check_unique_ids(records)
+    return records
+
+
+def _read_prompts(file: Path) -> list[EiRecord]:
+    text = _read_text(file)
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where, default_id = f"{file}:{number}", f"{file.stem}:{number}"
+        if file.suffix != ".jsonl":
+            records.append(EiRecord(default_id, "prompt", "ei", "", line.strip(), "", "", source=where))
+            continue
+        obj = _object(line, where)
+        unknown = sorted(set(obj) - set(_FIELDS))
+        if unknown:
+            raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(_FIELDS)}")
+        values = {name: _text(obj, name, where, required=False) for name in ("id", "task", "aspect", "input", "output")}
+        choices = obj.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{where}: field 'choices' must be a list of strings, got {choices!r}")
+        records.append(
+            EiRecord(
+                id=values["id"] or default_id,
+                task=values["task"] or "prompt",
+                domain="ei",
+                aspect=values["aspect"],
+                instruction=_text(obj, "instruction", where, required=True),
+                input=values["input"],
+                output=values["output"],
+                choices=choices,
+                source=where,
+            )
+        )
+    return records
+
+
+def _expand(paths: Iterable[str | Path], patterns: tuple[str, ...] = ("*.jsonl",)) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
+            found = sorted(f for pattern in patterns for f in path.glob(pattern))
             if not found:
+                kinds = " or ".join(patterns)
                 raise DataError(
-                    f"{path}: folder has no *.jsonl files; point the data path at a file or at a folder that has some"
+                    f"{path}: folder has no {kinds} files; point the data path at a file or at a folder that has some"
                 )
             files.extend(found)
         elif path.is_file():
@@ -83,18 +133,27 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _read_file(file: Path) -> list[EiRecord]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file}: not valid UTF-8 ({err}); save the file as UTF-8") from err
+    """The records of one file. A UTF-8 byte-order mark is skipped; lines end at ``\\n`` only (``\\r\\n`` too).
+
+    ``str.splitlines`` would also split at U+2028, U+0085 and other characters that JSON strings may
+    hold as they are, cutting a valid record in two.
+    """
+    text = _read_text(file)
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             records.append(_parse_line(line, f"{file}:{number}", f"{file.stem}:{number}"))
     return records
 
 
-def _parse_line(line: str, where: str, default_id: str) -> EiRecord:
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}: not valid UTF-8 ({err}); save the file as UTF-8") from err
+
+
+def _object(line: str, where: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
@@ -103,6 +162,11 @@ def _parse_line(line: str, where: str, default_id: str) -> EiRecord:
         ) from err
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parse_line(line: str, where: str, default_stem_line: str) -> EiRecord:
+    obj = _object(line, where)
     unknown = sorted(set(obj) - set(_FIELDS))
     if unknown:
         raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(_FIELDS)}")
@@ -116,7 +180,8 @@ def _parse_line(line: str, where: str, default_id: str) -> EiRecord:
             f"{where}: field 'aspect': unknown aspect {aspect!r} for domain {domain!r}; "
             f"allowed: {list(ASPECTS[domain])}"
         )
-    record_id = _text(obj, "id", where, required=False) or default_id
+    # the default names the domain too, so files of the same name in an EI and a GI folder never collide
+    record_id = _text(obj, "id", where, required=False) or f"{domain}/{default_stem_line}"
     input_text = _text(obj, "input", where, required=False)
     choices = _choices(obj.get("choices"), values["output"], where)
     return EiRecord(id=record_id, input=input_text, choices=choices, source=where, **values)
