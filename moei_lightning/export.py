@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.checkpoints import read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
     MoLoRAConfig,
@@ -52,10 +53,23 @@ SHARDED_MODEL_KEYS = ("state_dict", "model")  # ModelParallelStrategy's and FSDP
 PROMPT_KEYS = ("prompt_template", "system_prompt", "use_chat_template")
 
 
-def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, format: str = "moei") -> Path:
-    """Write the checkpoint's model to ``output_dir`` in ``format`` (see the module docstring)."""
+def export_checkpoint(
+    checkpoint_path: str | Path, output_dir: str | Path, format: str = "moei", overwrite: bool = False
+) -> Path:
+    """Write the checkpoint's model to ``output_dir`` in ``format`` (see the module docstring).
+
+    An ``output_dir`` that already holds files is an error unless ``overwrite``: exporting over the
+    adapters of another run would lose them without a word.
+    """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a directory; choose another output directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{output} already exists and is not empty; choose another directory or pass --overwrite to replace it"
+        )
     checkpoint = load_checkpoint(checkpoint_path)
     hparams = checkpoint.get("hyper_parameters", {})
     adapter = hparams.get("adapter", "molora")
@@ -164,7 +178,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
         return load_sharded_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint_file(path)
 
 
 def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
@@ -177,7 +191,7 @@ def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is a directory without {SHARDED_METADATA}: not a checkpoint written by "
             "`python -m moei_lightning fit`"
         )
-    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint_file(path / SHARDED_METADATA)
     reader = dcp.FileSystemReader(path)
     wanted = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -205,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         help="moei: MoLoRA adapters only (default); peft: a LoRA run as a PEFT adapter; merged: a save_pretrained "
         "model with the adapters merged in (lora, full); hf: a self-contained save_pretrained directory",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the files in an existing output_dir")
     args = parser.parse_args(argv)
     try:
-        directory = export_checkpoint(args.checkpoint, args.output_dir, args.format)
-    except (FileNotFoundError, ValueError) as err:
+        directory = export_checkpoint(args.checkpoint, args.output_dir, args.format, overwrite=args.overwrite)
+    except (OSError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"{args.format} export written to {directory}")

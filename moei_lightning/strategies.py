@@ -43,6 +43,7 @@ from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
 from moei_lightning.backbone import disable_activation_checkpointing
+from moei_lightning.checkpoints import read_checkpoint_file
 from moei_lightning.molora import MoLoRALinear
 from moei_lightning.sharding import block_classes
 
@@ -160,9 +161,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "single-file adapter checkpoints they write. Export its adapters with `python -m moei_lightning "
             "export` instead"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint_file(path)
 
 
 class _AdapterCheckpoints:
