@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.errors import ConfigError, TrainingDiverged
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
 from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora
 from moei_lightning.sharding import gathered_root, shard_model
@@ -87,7 +88,15 @@ class MoEIModule(LightningModule):
     ) -> None:
         super().__init__()
         if adapter not in ("molora", "lora", "full"):
-            raise ValueError(f"model.adapter must be 'molora', 'lora' or 'full', got {adapter!r}")
+            raise ConfigError(f"model.adapter must be 'molora', 'lora' or 'full', got {adapter!r}")
+        check_settings(
+            lambda_inter=lambda_inter,
+            lambda_gi_lm=lambda_gi_lm,
+            lambda_bal=lambda_bal,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            max_new_tokens=max_new_tokens,
+        )
         self.save_hyperparameters(ignore=["optimizer"])
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         self.backbone_config = (
@@ -182,6 +191,7 @@ class MoEIModule(LightningModule):
         terms = {name: masked_mean(token_loss, mask) for name, mask in masks.items()}
         records = list(self.recorder.records.values()) if self.recorder is not None else []
         gates = [r for r in records if r.gate is not None and r.gate.numel()]
+        self._check_gates(gates)  # a NaN gate would crash the BCE (a device assert on CUDA) with no hint why
         counts = {name: mask.sum() for name, mask in masks.items()}
         for record in gates:
             counts.update(gate_counts(record, batch["domain"], self.gate_loss_balance))
@@ -216,6 +226,7 @@ class MoEIModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms, loss = self.objective(batch)
+        self._check_terms(terms, batch_idx)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, batch_size=len(batch["id"]))
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False)
         return loss
@@ -237,11 +248,11 @@ class MoEIModule(LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=size)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
-        """Greedy generations for the prompts of the batch, with their ids and references."""
+        """Greedy generations for the prompts of the batch, with their ids, prompts and references."""
         texts = self.generate(batch["prompt"])
+        fields = zip(batch["id"], batch["task"], batch["aspect"], batch["prompt"], texts, batch["target"])
         return [
-            {"id": i, "task": t, "aspect": a, "prediction": p, "target": r}
-            for i, t, a, p, r in zip(batch["id"], batch["task"], batch["aspect"], texts, batch["target"])
+            {"id": i, "task": t, "aspect": a, "prompt": q, "prediction": p, "target": r} for i, t, a, q, p, r in fields
         ]
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
@@ -299,8 +310,59 @@ class MoEIModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _where(self) -> str:
+        return f"step {self.global_step} (epoch {self.current_epoch})" if self._trainer is not None else "this forward"
+
+    def _check_gates(self, gates: list) -> None:
+        """Stop on a non-finite inter gate, naming the layer; gates lie in [0, 1], so their sums stay finite."""
+        if not gates:
+            return
+        sums = torch.stack([r.gate.detach().float().sum() for r in gates])
+        if bool(torch.isfinite(sums).all()):
+            return
+        names = {id(record): name for name, record in self.recorder.records.items()}
+        layer = next(names.get(id(r), "?") for r, total in zip(gates, sums.tolist()) if not math.isfinite(total))
+        raise TrainingDiverged(
+            f"training diverged at {self._where()}: the inter gate of {layer} is NaN, so loss term 'inter' "
+            f"cannot be computed; {DIVERGENCE_HINT}"
+        )
+
+    def _check_terms(self, terms: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop on a non-finite loss term before backward, naming the step and the term."""
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        shown = {name: float(v) for name, v in zip(terms, values.tolist())}
+        bad = next((n for n, v in shown.items() if not math.isfinite(v) and n != "loss"), "loss")
+        listing = ", ".join(f"{name}={v:.4g}" for name, v in shown.items())
+        raise TrainingDiverged(
+            f"training diverged at {self._where()}, batch {batch_idx}: loss term '{bad}' is {shown[bad]} "
+            f"({listing}); {DIVERGENCE_HINT}"
+        )
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights (fp16's loss scaler skips those steps itself)."""
+        if str(self.trainer.precision).startswith("16"):
+            return
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        if bool(finite.all()):
+            return
+        name = next(clean_name(n) for (n, _), ok in zip(named, finite.tolist()) if not ok)
+        raise TrainingDiverged(
+            f"training diverged at {self._where()}: the gradient of {name} is not finite; {DIVERGENCE_HINT}"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._trainable_names()}
+        bad = sorted(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all())
+        if bad:  # never replace a good checkpoint with a diverged one
+            raise TrainingDiverged(
+                f"refusing to save a checkpoint at {self._where()}: tensors {bad[:4]} hold NaN or infinite values; "
+                f"{DIVERGENCE_HINT}"
+            )
         checkpoint["rng_states"] = rng_states()  # adapter dropout continues its stream after a resume
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             per_rank: list[Any] = [None] * dist.get_world_size()
@@ -325,6 +387,29 @@ class MoEIModule(LightningModule):
 
     def _trainable_names(self) -> set[str]:
         return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
+
+DIVERGENCE_HINT = (
+    "no checkpoint was written after this, so the last one saved is intact; lower the learning rate "
+    "(model.optimizer.init_args.lr), check model.molora.alpha and the lambda_* weights, or resume from that checkpoint"
+)
+
+
+def check_settings(**settings: float) -> None:
+    """Loss weights and schedule settings: finite, and in their range, or a ConfigError naming the key."""
+    ranges = {
+        "lambda_inter": (0, math.inf, "a finite number >= 0"),
+        "lambda_gi_lm": (0, math.inf, "a finite number >= 0"),
+        "lambda_bal": (0, math.inf, "a finite number >= 0"),
+        "warmup_steps": (0, math.inf, "a finite number >= 0 (below 1: a fraction of all steps)"),
+        "min_lr_ratio": (0, 1, "a number in [0, 1]"),
+        "max_new_tokens": (1, math.inf, "a positive integer"),
+    }
+    for key, value in settings.items():
+        low, high, expected = ranges[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"config key model.{key}: expected {expected}, got {value!r}")
 
 
 def rng_states() -> dict[str, Any]:
