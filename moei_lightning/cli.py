@@ -7,6 +7,10 @@ the logger's files never collide between runs. A run that continues from a check
 directory (a resumed ``fit``, a ``test`` or ``predict`` of it) writes into that directory and the
 same W&B run. ``export`` writes a checkpoint in a format other tools read, and ``generate`` answers
 prompts with an export.
+
+Bad input (config, data, checkpoint or adapter files) ends the run with one ``error: ...`` line and
+exit status 2; ``--debug`` or ``MOEI_DEBUG=1`` shows the traceback instead. Training that diverges
+exits 3; SIGTERM / SIGINT during training save a resumable checkpoint and exit 143 / 130.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import sys
 import time
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,14 +37,35 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf.errors import OmegaConfBaseException
 
+from moei_lightning.callbacks.interrupt import InterruptCheckpoint
+from moei_lightning.callbacks.predictions import PredictionWriter
+from moei_lightning.checkpoints import read_checkpoint_file
 from moei_lightning.data import DataError, MoEIDataModule
+from moei_lightning.errors import (
+    DIVERGED_EXIT,
+    USER_ERROR_EXIT,
+    CheckpointError,
+    ConfigError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from moei_lightning.module import MoEIModule
+from moei_lightning.molora.errors import MoLoRAError
 
 PROG = "python -m moei_lightning"
 DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
 RUN_DIR_ENV = "MOEI_RUN_DIR"
+DEBUG_ENV = "MOEI_DEBUG"
 CONFIG_FILE = "config.yaml"
+USER_ERRORS = (ConfigError, CheckpointError, DataError, MoLoRAError, FileNotFoundError, FileExistsError)
+"""Exceptions that are bad input, not bugs: one line and exit 2 (``--debug`` shows the traceback)."""
+
+ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
+"""Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
@@ -142,6 +169,54 @@ class MoEICLI(LightningCLI):
 
         parser.add_lightning_class_args(FitSummary, "summary")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, remembering which ``--model.*`` keys the command line set (see :meth:`_parse_ckpt_path`)."""
+        argv = sys.argv[1:] if args is None else args
+        self.explicit_model_keys = explicit_model_keys(argv) if isinstance(argv, list | tuple) else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model settings from ``--ckpt_path``, except where the command line sets them.
+
+        Lightning puts the checkpoint's hyperparameters over the whole config, so an explicit
+        ``--model.backbone.name_or_path=/other`` was silently ignored. Here the checkpoint still wins
+        over config files, an explicit command-line key wins over the checkpoint, and a key that
+        decides the checkpoint's tensors (:data:`ADAPTER_SHAPE_KEYS`) may not differ from it at all:
+        that is an error naming the keys. The file is read with ``weights_only=True``.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES:
+            return
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise FileNotFoundError(f"--ckpt_path {path}: no such file")
+        if path.is_dir():
+            return  # a sharded checkpoint directory: the strategy reads it, with the config as given
+        hparams = dict(read_checkpoint_file(path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        config = self.config[subcommand]
+        given = {key: config.get(key) for key in self.explicit_model_keys}
+        saved = _flatten({"model": hparams})
+        conflicts = [
+            f"{key}={given[key]!r} (checkpoint: {saved.get(key)!r})"
+            for key in given
+            if key.removeprefix("model.") in ADAPTER_SHAPE_KEYS and key in saved and saved[key] != given[key]
+        ]
+        if conflicts:
+            raise ConfigError(
+                f"--ckpt_path {path} was trained with other adapters than the command line asks for: "
+                f"{', '.join(conflicts)}; drop these overrides (its tensors only fit the saved shape)"
+            )
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        for key, value in given.items():
+            self.config[subcommand][key] = value
+        changed = [f"{k}={v!r}" for k, v in given.items() if k in saved and saved[k] != v]
+        if changed:
+            print(f"--ckpt_path {path}: the command line overrides the checkpoint's {', '.join(changed)}")
+
     def before_instantiate_classes(self) -> None:
         subcommand = self.subcommand or "run"
         quiet_known_noise(subcommand)
@@ -164,6 +239,15 @@ class MoEICLI(LightningCLI):
                     init_args.id = run_id
                     init_args.resume = init_args.get("resume") or "allow"
 
+    def instantiate_classes(self) -> None:
+        """Build the objects; a constructor's ValueError is a config error whatever wraps it."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if isinstance(err, USER_ERRORS):
+                raise
+            raise ConfigError(_root_message(err)) from err
+
     def instantiate_trainer(self, **kwargs: object) -> object:
         trainer = super().instantiate_trainer(**kwargs)
         run_dir = Path(trainer.default_root_dir)
@@ -174,7 +258,24 @@ class MoEICLI(LightningCLI):
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
                 # Lightning always passes `anonymous`, and W&B warns that the setting does nothing.
                 logger._wandb_init.pop("anonymous", None)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(InterruptCheckpoint())
+        if self.subcommand == "predict":
+            trainer.callbacks.append(PredictionWriter(run_dir / "predictions.jsonl"))
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Validate the data before the Trainer starts (and with it a W&B run), then run."""
+        if isinstance(self.datamodule, MoEIDataModule) and isinstance(self.model, MoEIModule):
+            self.datamodule.attach(self.model.tokenizer, self.model.kind)
+            self.datamodule.setup(subcommand)
+        super()._run_subcommand(subcommand)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = True  # a checkpoint is data: never run code from it
+        return kwargs
 
 
 def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | None = None) -> Path:
@@ -198,8 +299,11 @@ def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | No
         run_dir = Path("runs") / f"{stamp}-{subcommand}"
         if job == "none" and run_dir.exists():
             run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run_dir {run_dir}: cannot create it ({err.strerror}); choose another --run_dir") from err
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -251,23 +355,113 @@ def quiet_known_noise(subcommand: str) -> None:
 
 
 def main(args: list[str] | None = None) -> MoEICLI | None:
-    """Entry point of ``python -m moei_lightning`` and the ``moei-lightning`` script."""
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in TOOLS:
-        module = importlib.import_module(f"moei_lightning.{argv[0]}")
-        module.main(argv[1:])
-        return None
-    # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    try:
+    """Entry point of ``python -m moei_lightning`` and the ``moei-lightning`` script.
+
+    ``--debug`` (anywhere) or ``MOEI_DEBUG=1`` lets errors keep their traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    with _own_run_dir_env(), _errors_as_messages(debug):
+        if argv and argv[0] in TOOLS:
+            module = importlib.import_module(f"moei_lightning.{argv[0]}")
+            module.main(argv[1:])
+            return None
+        # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         return MoEICLI(
             MoEIModule,
             MoEIDataModule,
-            args=args,
+            args=args if args is None else argv,
             parser_kwargs={"parser_mode": "omegaconf+", "prog": PROG, "description": DESCRIPTION},
             trainer_defaults={"use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
         )
-    except (DataError, FileNotFoundError) as err:  # bad input files: the message says where, no stack trace
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return None
+
+
+@contextmanager
+def _own_run_dir_env() -> Iterator[None]:
+    """``MOEI_RUN_DIR`` is for the processes this run starts; a later run in this process picks its own."""
+    before = os.environ.get(RUN_DIR_ENV)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = before
+
+
+@contextmanager
+def _errors_as_messages(debug: bool) -> Iterator[None]:
+    """Bad input, divergence and signals end the process with one line and a meaningful exit status."""
+    try:
+        yield
+    except TrainingInterrupted as err:
+        _exit(f"interrupted: {err}", err.exit_code, err, debug)
+    except SIGTERMException as err:
+        _exit("interrupted: SIGTERM received before training could save a checkpoint", 143, err, debug)
+    except TrainingDiverged as err:
+        _exit(f"error: {err}", DIVERGED_EXIT, err, debug)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "").partition(".")[2]  # without the subcommand
+        where = f" in {key}" if key else ""
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        _exit(f"error: config interpolation{where}: {message}", USER_ERROR_EXIT, err, debug)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        _exit(f"error: {_one_line(str(user_error))}", USER_ERROR_EXIT, err, debug)
+
+
+def _exit(message: str, code: int, err: BaseException, debug: bool) -> None:
+    if debug:
+        raise err
+    print(message, file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _find_user_error(err: BaseException) -> BaseException | None:
+    """``err`` or the cause it wraps, if that is bad input (Lightning and jsonargparse wrap errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, USER_ERRORS):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's message: jsonargparse wraps a constructor's error in several layers."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return _one_line(str(err))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def explicit_model_keys(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The ``model.*`` keys set on the command line (``--model.a.b=v`` or ``--model.a.b v``)."""
+    keys = []
+    for token in argv:
+        if isinstance(token, str) and token.startswith("--model."):
+            keys.append(token[2:].split("=", 1)[0])
+    return keys
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        flat[name] = value
+    return flat
