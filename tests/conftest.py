@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch import Callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -89,3 +90,27 @@ def on_two_ranks(fn: Callable[[int], object], tmp_path: Path) -> list[object]:
     """``fn(rank)`` in two gloo processes; returns each rank's JSON-able result."""
     mp.spawn(_rank_main, args=(free_port(), fn, str(tmp_path)), nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+class SignalAtStep(Callback):
+    """For subprocess runs (a ``trainer.callbacks`` class path): at the end of training step ``step`` the
+    process sends itself ``signum``, as a scheduler or a Ctrl+C would, at a reproducible moment."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonAtStep(Callback):
+    """For subprocess runs: after training step ``step`` one adapter tensor turns NaN, as a diverged run's would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in pl_module.named_parameters() if n.endswith("lora_B")).fill_(float("nan"))
