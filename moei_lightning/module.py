@@ -96,6 +96,7 @@ class MoEIModule(LightningModule):
             warmup_steps=warmup_steps,
             min_lr_ratio=min_lr_ratio,
             max_new_tokens=max_new_tokens,
+            router_lr_scale=router_lr_scale,
         )
         self.save_hyperparameters(ignore=["optimizer"])
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
@@ -404,6 +405,7 @@ def check_settings(**settings: float) -> None:
         "warmup_steps": (0, math.inf, "a finite number >= 0 (below 1: a fraction of all steps)"),
         "min_lr_ratio": (0, 1, "a number in [0, 1]"),
         "max_new_tokens": (1, math.inf, "a positive integer"),
+        "router_lr_scale": (0, math.inf, "a finite number >= 0"),
     }
     for key, value in settings.items():
         low, high, expected = ranges[key]

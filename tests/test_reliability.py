@@ -133,6 +133,7 @@ def test_invalid_molora_settings_are_refused(settings, message):
         ("warmup_steps", -1),
         ("min_lr_ratio", 1.5),
         ("max_new_tokens", 0),
+        ("router_lr_scale", float("nan")),
     ],
 )
 def test_invalid_loss_weights_and_schedule_are_refused(key, value):
