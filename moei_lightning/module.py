@@ -17,6 +17,7 @@ averages is exactly the gradient of one process over the whole global batch (see
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Any, Literal
 
