@@ -177,7 +177,7 @@ def test_bad_adapter_files_are_errors_that_name_the_file(tmp_path, adapter_dir):
     bad_json = tmp_path / "bad_json"
     bad_json.mkdir()
     (bad_json / "molora_config.json").write_text('{"molora": {"rank": 8,')
-    with pytest.raises(MoLoRAError, match=r"bad_json/adapter_config\.json: not valid JSON"):
+    with pytest.raises(MoLoRAError, match=r"bad_json/molora_config\.json: not valid JSON"):
         load_adapter(model, bad_json)
 
     truncated = tmp_path / "truncated"
@@ -185,7 +185,7 @@ def test_bad_adapter_files_are_errors_that_name_the_file(tmp_path, adapter_dir):
     (truncated / "molora_config.json").write_text((adapter_dir / "molora_config.json").read_text())
     weights = (adapter_dir / "molora_model.safetensors").read_bytes()
     (truncated / "molora_model.safetensors").write_bytes(weights[: len(weights) // 2])
-    with pytest.raises(MoLoRAError, match=r"truncated/adapter_model\.safetensors: not a readable safetensors file"):
+    with pytest.raises(MoLoRAError, match=r"truncated/molora_model\.safetensors: not a readable safetensors file"):
         load_adapter(model, truncated)
 
     nan = tmp_path / "nan"
@@ -195,7 +195,7 @@ def test_bad_adapter_files_are_errors_that_name_the_file(tmp_path, adapter_dir):
     first = sorted(tensors)[0]
     tensors[first].view(-1)[0] = float("nan")
     save_file(tensors, str(nan / "molora_model.safetensors"))
-    with pytest.raises(MoLoRAError, match=rf"nan/adapter_model\.safetensors: tensors \[{first}\] hold NaN"):
+    with pytest.raises(MoLoRAError, match=rf"nan/molora_model\.safetensors: tensors \[{first}\] hold NaN"):
         load_adapter(model, nan)
     assert not hasattr(model, "molora_recorder")
 
