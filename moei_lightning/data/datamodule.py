@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 from moei_lightning.data.collate import Collator
 from moei_lightning.data.encode import DataReport, Encoder, Example, Kind
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter
-from moei_lightning.data.records import DataError, EiRecord, check_unique_ids, load_prompts, load_records
+from moei_lightning.data.records import DataError, EiRecord, check_unique_ids, load_prompts
 from moei_lightning.data.sampling import EvalBatchSampler, MixedBatchSampler
+from moei_lightning.data.sources import DataSource, load_source_records
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 """The bundled sample data: ``{ei,gi}/{train,val,test}.jsonl``."""
@@ -40,16 +41,20 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-def _samples(domain: str, split: str) -> tuple[str, ...]:
-    return (str(SAMPLES_DIR / domain / f"{split}.jsonl"),)
+_SAMPLES = {
+    f"{domain}_{split}": (str(SAMPLES_DIR / domain / f"{split}.jsonl"),)
+    for domain in ("ei", "gi")
+    for split in ("train", "val", "test")
+}
 
 
 class MoEIDataModule(LightningDataModule):
     """EI + GI data for MoEI: mixed training batches, per-aspect tagged evaluation batches.
 
     Args:
-        ei_train: EiBench JSONL files or folders (all ``*.jsonl`` inside) with the EI training records.
-            Defaults to the bundled samples.
+        ei_train: The EI training records: EiBench JSONL files or folders (all ``*.jsonl`` inside), or
+            other files and datasets as :class:`~moei_lightning.data.sources.DataSource` entries (a
+            path or ``load_dataset`` name with a column mapping). Defaults to the bundled samples.
         ei_val: EI validation files or folders.
         ei_test: EI test files or folders (also used for ``predict``).
         gi_train: GI training files or folders; GI examples teach the inter gate to keep the backbone.
@@ -71,16 +76,18 @@ class MoEIDataModule(LightningDataModule):
             records, a seeded random subset in file order. None keeps all.
         predict: What ``predict`` generates for: ``.txt`` files (one instruction a line) or ``.jsonl``
             files (records; only ``instruction`` is required), or folders of them. None: the test split.
+        columns: Record field -> column, for every source without its own ``columns``; a plain
+            ``.jsonl`` path is then mapped too. None: our field names.
     """
 
     def __init__(
         self,
-        ei_train: str | Sequence[str] = _samples("ei", "train"),
-        ei_val: str | Sequence[str] = _samples("ei", "val"),
-        ei_test: str | Sequence[str] = _samples("ei", "test"),
-        gi_train: str | Sequence[str] = _samples("gi", "train"),
-        gi_val: str | Sequence[str] = _samples("gi", "val"),
-        gi_test: str | Sequence[str] = _samples("gi", "test"),
+        ei_train: str | DataSource | Sequence[str | DataSource] = _SAMPLES["ei_train"],
+        ei_val: str | DataSource | Sequence[str | DataSource] = _SAMPLES["ei_val"],
+        ei_test: str | DataSource | Sequence[str | DataSource] = _SAMPLES["ei_test"],
+        gi_train: str | DataSource | Sequence[str | DataSource] = _SAMPLES["gi_train"],
+        gi_val: str | DataSource | Sequence[str | DataSource] = _SAMPLES["gi_val"],
+        gi_test: str | DataSource | Sequence[str | DataSource] = _SAMPLES["gi_test"],
         gi_ratio: float = 0.2,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -92,6 +99,7 @@ class MoEIDataModule(LightningDataModule):
         seed: int = 42,
         max_train_examples: int | None = None,
         predict: str | Sequence[str] | None = None,
+        columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,7 +127,10 @@ class MoEIDataModule(LightningDataModule):
             "gi_val": gi_val,
             "gi_test": gi_test,
         }
-        self.paths = {key: [value] if isinstance(value, str) else list(value) for key, value in given.items()}
+        self.paths = {
+            key: [value] if isinstance(value, str | DataSource) else list(value) for key, value in given.items()
+        }
+        self.columns = columns
         self.predict_paths = None if predict is None else [predict] if isinstance(predict, str) else list(predict)
         self.gi_ratio = gi_ratio
         self.batch_size = batch_size
@@ -248,7 +259,7 @@ class MoEIDataModule(LightningDataModule):
 
     def _load(self, domain: str, split: str) -> list[EiRecord]:
         key = f"{domain}_{split}"
-        records = load_records(self.paths[key])
+        records = load_source_records(self.paths[key], key=key, domain=domain, split=split, columns=self.columns)
         for record in records:
             if record.domain != domain:
                 raise DataError(

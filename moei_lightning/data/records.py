@@ -22,7 +22,9 @@ GI_ASPECTS: tuple[str, ...] = ("knowledge", "reasoning", "commonsense", "reading
 ASPECTS: dict[str, tuple[str, ...]] = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
 
 _REQUIRED_TEXT = ("task", "domain", "aspect", "instruction", "output")
-_FIELDS = ("id", *_REQUIRED_TEXT, "input", "choices")
+FIELDS: tuple[str, ...] = ("id", *_REQUIRED_TEXT, "input", "choices")
+"""The record's fields; ``task``, ``domain``, ``aspect``, ``instruction`` and ``output`` are required."""
+REQUIRED_FIELDS: tuple[str, ...] = _REQUIRED_TEXT
 
 
 class DataError(ValueError):
@@ -90,9 +92,9 @@ def _read_prompts(file: Path) -> list[EiRecord]:
             records.append(EiRecord(default_id, "prompt", "ei", "", line.strip(), "", "", source=where))
             continue
         obj = _object(line, where)
-        unknown = sorted(set(obj) - set(_FIELDS))
+        unknown = sorted(set(obj) - set(FIELDS))
         if unknown:
-            raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(_FIELDS)}")
+            raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(FIELDS)}")
         values = {name: _text(obj, name, where, required=False) for name in ("id", "task", "aspect", "input", "output")}
         choices = obj.get("choices")
         if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
@@ -166,10 +168,17 @@ def _object(line: str, where: str) -> dict[str, Any]:
 
 
 def _parse_line(line: str, where: str, default_stem_line: str) -> EiRecord:
-    obj = _object(line, where)
-    unknown = sorted(set(obj) - set(_FIELDS))
+    return record_from_fields(_object(line, where), where, default_stem_line)
+
+
+def record_from_fields(obj: dict[str, Any], where: str, default_stem_line: str) -> EiRecord:
+    """Validate one record given as a mapping of our field names; ``where`` prefixes every error.
+
+    A record without an id gets ``<domain>/<default_stem_line>``.
+    """
+    unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(_FIELDS)}")
+        raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(FIELDS)}")
 
     values = {name: _text(obj, name, where, required=True) for name in _REQUIRED_TEXT}
     domain, aspect = values["domain"], values["aspect"]
