@@ -6,6 +6,7 @@ from moei_lightning.data.encode import IGNORE_INDEX, DataReport, Encoder, Exampl
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter, render_choices
 from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_prompts, load_records
 from moei_lightning.data.sampling import EpochPermutation, EvalBatchSampler, MixedBatchSampler, gi_per_batch
+from moei_lightning.data.sources import DataSource
 
 __all__ = [
     "ASPECTS",
@@ -17,6 +18,7 @@ __all__ = [
     "Collator",
     "DataError",
     "DataReport",
+    "DataSource",
     "EiRecord",
     "Encoder",
     "EpochPermutation",
