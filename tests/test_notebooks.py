@@ -1,15 +1,20 @@
 """Both analysis notebooks run headless against runs made here by tiny fits, with no network and no W&B."""
 
+import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from moei_lightning.cli import main
 from moei_lightning.data import SAMPLES_DIR
+from moei_lightning.eval.report import Report, Table
+from moei_lightning.notebooks import output_dir, resolve, wilson
 from tests.conftest import REPO
 
 KERNEL = "moei-notebook-test"
@@ -62,11 +67,20 @@ def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return KERNEL
 
 
-def execute(name: str, kernel: str) -> nbformat.NotebookNode:
+def execute(name: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
+    """Run a notebook as `jupyter lab notebooks/NAME` launched from the repo root runs it: kernel in notebooks/."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PWD", str(REPO))
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    client = NotebookClient(notebook, kernel_name=kernel, timeout=300, resources={"metadata": {"path": str(REPO)}})
+    path = str(REPO / "notebooks")
+    client = NotebookClient(notebook, kernel_name=kernel, timeout=300, resources={"metadata": {"path": path}})
     client.execute()  # a failing cell raises CellExecutionError with its traceback
     return notebook
+
+
+def relative(path: Path) -> str:
+    """``path`` as typed from the repository root."""
+    return os.path.relpath(path, REPO)
 
 
 def images(notebook: nbformat.NotebookNode) -> int:
@@ -76,24 +90,86 @@ def images(notebook: nbformat.NotebookNode) -> int:
 
 @pytest.mark.slow
 def test_router_analysis(runs: list[Path], kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOEI_NOTEBOOK_RUN", str(runs[0]))
-    monkeypatch.setenv("MOEI_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
-    notebook = execute("router_analysis.ipynb", kernel)
+    monkeypatch.setenv("MOEI_NOTEBOOK_RUN", relative(runs[0]))
+    monkeypatch.setenv("MOEI_NOTEBOOK_FIGURES", relative(tmp_path / "figures"))
+    notebook = execute("router_analysis.ipynb", kernel, monkeypatch)
     assert images(notebook) == 3
     for figure in ("gate_distributions.png", "gate_evolution.png", "expert_usage.png", "layer_separation.csv"):
         assert (tmp_path / "figures" / figure).stat().st_size > 0, figure
     assert len((tmp_path / "figures" / "layer_separation.csv").read_text().splitlines()) == 1 + 4  # 4 layers
+    assert not (REPO / "notebooks" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_router_analysis_without_stats_says_so_and_writes_nothing(
+    kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "stats-off"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("router_stats:\n  stages: []\n")
+    monkeypatch.setenv("MOEI_NOTEBOOK_RUN", relative(run))
+    monkeypatch.delenv("MOEI_NOTEBOOK_FIGURES", raising=False)
+    with pytest.raises(CellExecutionError, match=r"router\.jsonl does not exist, so this run has no statistics"):
+        execute("router_analysis.ipynb", kernel, monkeypatch)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]  # no figures/ made
+
+
+def write_report(run: Path) -> None:
+    """A test report as the paper evaluation writes it: EI aspects (one open), GI, EQ-Bench."""
+    rows = [
+        ["EI", "perception", 50.0, 40, "mean of 2 choice tasks (accuracy)"],
+        ["EI", "expression", 21.5, 20, "mean of 1 open task (ROUGE-L)"],
+        ["EI", "average", 35.75, 60, "mean of 2 aspects"],
+        ["GI", "knowledge", 25.0, 100, "mean of 1 tasks (accuracy)"],
+        ["GI", "average", 25.0, 100, "mean of 1 dimensions"],
+        ["EQ-Bench v2", "score", None, 20, "0 of 20 parseable"],
+    ]
+    summary = Table("Summary", ["suite", "measure", "score", "n", "note"], rows)
+    Report(summary, config={"adapter": "molora"}).write(run)
+    (run / "config.yaml").write_text("model:\n  adapter: molora\n")
 
 
 @pytest.mark.slow
 def test_compare_runs(runs: list[Path], kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOEI_NOTEBOOK_RUNS", ":".join(str(r) for r in runs))
-    monkeypatch.setenv("MOEI_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.delenv("MOEI_NOTEBOOK_WANDB", raising=False)
-    notebook = execute("compare_runs.ipynb", kernel)
+    tested = tmp_path / "molora-tested"
+    tested.mkdir()
+    write_report(tested)
+    monkeypatch.setenv("MOEI_NOTEBOOK_RUNS", ":".join(relative(r) for r in [*runs, tested]))
+    monkeypatch.setenv("MOEI_NOTEBOOK_FIGURES", relative(tmp_path / "figures"))
+    monkeypatch.delenv("MOEI_NOTEBOOK_SOURCE", raising=False)
+    notebook = execute("compare_runs.ipynb", kernel, monkeypatch)
     assert images(notebook) == 1
     assert (tmp_path / "figures" / "comparison.png").stat().st_size > 0
-    table = (tmp_path / "figures" / "comparison.csv").read_text().splitlines()
-    assert table[0] == "domain,aspect,metric,molora (molora),lora (lora)"
-    assert any(line.startswith("ei,perception,acc,") for line in table)
-    assert any(line.startswith("gi,knowledge,acc,") for line in table)
+    table = list(csv.DictReader((tmp_path / "figures" / "comparison.csv").open()))
+    assert list(table[0]) == ["suite", "measure", "run", "score", "n", "ci_low", "ci_high", "source"]
+    assert {row["run"] for row in table} == {"molora", "lora", "molora-tested"}  # no "molora (molora)"
+    fitted = {(r["run"], r["suite"], r["measure"]): r for r in table if r["source"] == "summary.json (val)"}
+    perception = fitted[("molora", "EI", "perception")]
+    n, score = int(perception["n"]), float(perception["score"])
+    assert n > 0 and 0 <= float(perception["ci_low"]) <= score <= float(perception["ci_high"]) <= 100
+    assert 0 < int(fitted[("lora", "GI", "knowledge")]["n"]) < int(fitted[("lora", "GI", "average")]["n"])
+    reported = {r["measure"]: r for r in table if r["run"] == "molora-tested"}
+    assert (float(reported["perception"]["ci_low"]), float(reported["perception"]["ci_high"])) == pytest.approx(
+        (35.2, 64.8), abs=0.05
+    )  # Wilson 95% of 20 / 40
+    assert reported["expression"]["ci_low"] == "" and reported["score"]["score"] == ""  # ROUGE-L, failed EQ-Bench
+
+
+def test_paths_resolve_from_the_launch_directory_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launch, kernel_dir = tmp_path / "repo", tmp_path / "repo" / "notebooks"
+    (launch / "runs" / "a").mkdir(parents=True)
+    kernel_dir.mkdir()
+    monkeypatch.chdir(kernel_dir)
+    monkeypatch.setenv("PWD", str(launch))
+    assert resolve("runs/a", "MOEI_NOTEBOOK_RUN") == launch / "runs" / "a"
+    assert output_dir("figs") == launch / "figs" and not (launch / "figs").exists()
+    monkeypatch.delenv("PWD")
+    assert resolve("runs/a", "MOEI_NOTEBOOK_RUN") == launch / "runs" / "a"  # kernel in notebooks/: the repo root
+    with pytest.raises(FileNotFoundError, match=r"MOEI_NOTEBOOK_RUN='runs/b': no such directory; tried .*runs/b"):
+        resolve("runs/b", "MOEI_NOTEBOOK_RUN")
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    assert wilson(50.0, 40) == pytest.approx((35.20, 64.80), abs=0.01)
+    low, high = wilson(0.0, 10)
+    assert low == 0.0 and high == pytest.approx(27.75, abs=0.01)  # an empty score still has an upper bound

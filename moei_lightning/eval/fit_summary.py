@@ -31,7 +31,8 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
 
     ``ei`` and ``gi`` hold one entry per aspect or dimension present plus ``avg``, the mean over them
     (every aspect weighs the same); ``gate_ei`` / ``gate_gi`` average each prompt's inter gate over
-    adapted layers (None without adapters); ``n`` counts the records per domain.
+    adapted layers (None without adapters); ``n_<domain>`` counts the records per domain and
+    ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
     items = [Item("eibench", r.task, r.aspect, "en", r, r.choices.index(r.output)) for r in choice]
@@ -51,6 +52,7 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
         summary[domain] = accuracy
         summary[f"gate_{domain}"] = sum(gate_values[domain]) / len(gate_values[domain]) if gate_values[domain] else None
         summary[f"n_{domain}"] = sum(len(v) for v in hits[domain].values())
+        summary[f"counts_{domain}"] = {group: len(hits[domain][group]) for group in groups}
     return summary
 
 
