@@ -29,6 +29,7 @@ from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.emobench import LANGUAGES
 from moei_lightning.eval.emotion_prompt import check_stimuli
 from moei_lightning.eval.harness import Harness, Results
+from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.report import Report, Table
 from moei_lightning.eval.suites import (
     SuiteInputs,
@@ -153,7 +154,8 @@ class PaperEvaluation(Callback):
             trainer.world_size,
         )
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
-            results = harness.run(self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens)
+            progress = SuiteProgress(trainer, len(self.names))
+            results = harness.run(self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens, progress)
         if not trainer.is_global_zero:
             return
         config = self.run_config(trainer, pl_module)

@@ -20,6 +20,7 @@ from moei_lightning.data import EiRecord, Encoder, Example
 from moei_lightning.eval.distributed import Gather, all_gather, sharded_map
 from moei_lightning.eval.emotion_prompt import probe_items
 from moei_lightning.eval.eqbench import EqBenchResult, score_responses
+from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.scoring import (
     ChoiceScores,
     choice_examples,
@@ -113,10 +114,18 @@ class Harness:
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
-    def run(self, inputs: SuiteInputs, max_new_tokens: int, eqbench_max_new_tokens: int) -> Results:
-        """Every suite named in ``inputs.names``, in order."""
+    def run(
+        self,
+        inputs: SuiteInputs,
+        max_new_tokens: int,
+        eqbench_max_new_tokens: int,
+        progress: SuiteProgress | None = None,
+    ) -> Results:
+        """Every suite named in ``inputs.names``, in order; ``progress`` hears when each begins."""
         results = Results()
+        step = progress.start if progress is not None else lambda suite, items: None
         if "eibench" in inputs.names:
+            step("eibench", len(inputs.eibench))
             choice = [item for item in inputs.eibench if item.answer is not None]
             open_items = [item for item in inputs.eibench if item.answer is None]
             results.eibench = self.choices(choice, "eibench", results)
@@ -124,18 +133,24 @@ class Harness:
             predictions = self.generate(prompts, max_new_tokens)
             results.eibench_open = [OpenOutcome(item, text) for item, text in zip(open_items, predictions)]
         if "gi" in inputs.names:
+            step("gi", len(inputs.gi))
             results.gi = self.choices(inputs.gi, "gi", results)
         if "eqbench" in inputs.names and inputs.eqbench is not None:
+            step("eqbench", len(inputs.eqbench.questions))
             results.eqbench = self.eqbench(inputs.eqbench, eqbench_max_new_tokens)
         if "emobench" in inputs.names:
+            step("emobench", len(inputs.emobench))
             results.emobench = self.choices(inputs.emobench, "emobench", results)
         if "emotion_prompt" in inputs.names:
+            step("emotion_prompt", len(inputs.gi) * (1 + len(inputs.stimuli)))
             for outcome, gate in zip(results.gi, self.gates([o.item.record for o in results.gi])):
                 outcome.gate = gate
             variants = self.choices(probe_items(inputs.gi, inputs.stimuli), "emotion_prompt", results)
             for outcome, gate in zip(variants, self.gates([o.item.record for o in variants])):
                 outcome.gate = gate
             results.emotion_prompt = variants
+        if progress is not None:
+            progress.close()
         return results
 
     def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
