@@ -10,17 +10,32 @@ import pytest
 from moei_lightning.eval.eqbench import (
     EqBenchInputError,
     Question,
+    accepted,
+    attempt_temperatures,
+    detect_mode,
     load_questions,
     load_responses,
+    main,
     parse_answers,
+    partial,
+    question_prompt,
     question_prompts,
+    read_responses,
+    results_file,
     score_question,
     score_responses,
     score_run,
 )
 
-RECORDED_RUNS = ["results_Llama-2-7b-chat-hf.json", "results_Llama-2-13B-chat-AWQ.json"]
-REQUIRED_KEYS = {"score", "first_pass_score", "revised_score", "parseable", "n_questions", "unparseable_ids"}
+# The reference harness's recorded runs: file -> (benchmark_score, n_questions_parseable, mode).
+RECORDED = {
+    "results_Llama-2-7b-chat-hf.json": (36.32, 171, "revise"),
+    "results_Llama-2-13B-chat-AWQ.json": (49.12, 171, "revise"),
+    "results_Yi-6B-Chat.json": (61.79, 157, "no_revise"),
+    "results_Qwen-7B-Chat.json": (50.11, 170, "no_revise"),
+}
+RECORDED_RUNS = [name for name, (_, _, mode) in RECORDED.items() if mode == "revise"]
+REQUIRED_KEYS = {"score", "first_pass_score", "revised_score", "parseable", "n_questions", "unparseable_ids", "failed"}
 
 
 def reply(first: dict[str, int], revised: dict[str, int]) -> str:
@@ -35,20 +50,45 @@ def make_questions(n: int) -> dict[str, Question]:
     return {str(i): Question(id=str(i), prompt=f"prompt {i}", reference=dict(reference)) for i in range(1, n + 1)}
 
 
+def revise_scores(responses, questions):
+    return score_responses(responses, questions, "revise")
+
+
 def off_by(reference: dict[str, int], d: int) -> dict[str, int]:
     """The reference with its first emotion moved by d."""
     name = next(iter(reference))
     return {**reference, name: reference[name] + d}
 
 
-@pytest.mark.parametrize("run_file", RECORDED_RUNS)
+@pytest.mark.parametrize("run_file", list(RECORDED))
 def test_recorded_runs_rescored_from_raw_replies(shared_data, run_file):
     folder = shared_data / "eq-bench"
     recorded = json.loads((folder / run_file).read_text(encoding="utf-8"))
-    run = score_run(load_responses(folder / run_file), load_questions(folder / "eq_bench_v2_questions_171.json"))
-    assert abs(run.score - recorded["benchmark_score"]) < 0.01
-    assert round(run.score, 2) == recorded["benchmark_score"]
-    assert run.parseable == recorded["n_questions_parseable"]
+    score, parseable, mode = RECORDED[run_file]
+    assert (recorded["benchmark_score"], recorded["n_questions_parseable"]) == (score, parseable)
+    iterations = load_responses(folder / run_file)
+    assert detect_mode(iterations) == mode
+    run = score_run(iterations, load_questions(folder / "eq_bench_v2_questions_171.json"), mode)
+    assert run.score == score
+    assert run.parseable == parseable
+    assert not run.failed
+
+
+@pytest.mark.parametrize("run_file", list(RECORDED))
+def test_cli_reproduces_recorded_runs(shared_data, run_file, capsys):
+    folder = shared_data / "eq-bench"
+    main([str(folder / run_file), "--questions", str(folder / "eq_bench_v2_questions_171.json")])
+    report = json.loads(capsys.readouterr().out)
+    score, parseable, mode = RECORDED[run_file]
+    assert (report["score"], report["parseable"], report["mode"], report["failed"]) == (score, parseable, mode, False)
+
+
+def test_no_revise_run_scored_in_revise_mode_loses_everything(shared_data):
+    """Why the mode matters: Yi-6B-Chat's replies carry no headings."""
+    folder = shared_data / "eq-bench"
+    questions = load_questions(folder / "eq_bench_v2_questions_171.json")
+    run = score_run(load_responses(folder / "results_Yi-6B-Chat.json"), questions, "revise")
+    assert (run.score, run.parseable, run.failed) == (0.0, 0.0, True)
 
 
 @pytest.mark.parametrize("run_file", RECORDED_RUNS)
@@ -57,7 +97,7 @@ def test_parser_matches_recorded_parsed_answers(shared_data, run_file):
     iteration = recorded["raw_results"]["1"]
     for qid, text in iteration["raw_inference"].items():
         expected = iteration["respondent_answers"][qid]
-        first, revised = parse_answers(text)
+        first, revised = parse_answers(text, "revise")
         assert first == {k: int(v) for k, v in expected["first_pass"].items()}, qid
         assert revised == {k: int(v) for k, v in expected["revised"].items()}, qid
 
@@ -66,36 +106,118 @@ def test_question_file_and_prompts(shared_data):
     questions = load_questions(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json")
     assert len(questions) == 171
     assert questions["1"].reference == {"Remorseful": 0, "Indifferent": 6, "Affectionate": 0, "Annoyed": 7}
-    prompts = question_prompts(questions)
-    assert prompts["1"] == questions["1"].prompt
-    assert "First pass scores:" in prompts["1"]
+    revise = question_prompts(questions, "revise")
+    assert revise["1"] == questions["1"].prompt
+    assert "First pass scores:" in revise["1"]
+    # No revise (the default): the harness's remove_revision_instructions, applied to question 1.
+    plain = question_prompts(questions)["1"]
+    assert plain == question_prompt(questions["1"], "no_revise")
+    assert plain.endswith(
+        "relative intensity that they are likely to be feeling each.\n\n"
+        "You must output in the following format, including headings (of course, you should give your own "
+        "scores), with no additional commentary:\n\n"
+        "Remorseful: <score>\nIndifferent: <score>\nAffectionate: <score>\nAnnoyed: <score>\n\n\n"
+        "[End of answer]\n\nRemember: zero is a valid score, meaning they are likely not feeling that "
+        "emotion. You must score at least one emotion > 0.\n\nYour answer:\n"
+    )
+    assert "Critique" not in plain and "Revised" not in plain and "First pass" not in plain
 
 
 def test_penalty_curve():
-    reference = {"A": 0, "B": 0, "C": 0, "D": 0}
-    assert score_question(reference, reference) == 10
-    assert score_question({**reference, "A": 4}, reference) == pytest.approx(10 - 0.7477 * 3.25)
+    reference = {"A": 0, "B": 0, "C": 0, "D": 1}
+    question = Question("q", "p", reference)
+    assert score_question(reference, question) == 10
+    assert score_question({**reference, "A": 4}, question) == pytest.approx(10 - 0.7477 * 3.25)
     sigmoid_at_1 = 6.5 / (1 + math.exp(3.6))
-    assert score_question({**reference, "A": 1}, reference) == pytest.approx(10 - 0.7477 * sigmoid_at_1)
-    # From a miss of 5 on, the penalty is the miss itself.
-    assert score_question({**reference, "A": 5}, reference) == pytest.approx(10 - 0.7477 * 5)
-    assert score_question({**reference, "A": 9, "B": 9}, reference) == pytest.approx(10 - 0.7477 * 18)
+    assert score_question({**reference, "A": 1}, question) == pytest.approx(10 - 0.7477 * sigmoid_at_1)
+    # From a miss of 5 on, the penalty is the miss itself (the recorded runs need d = 5 off the curve).
+    assert score_question({**reference, "A": 5}, question) == pytest.approx(10 - 0.7477 * 5)
+    assert score_question({**reference, "A": 9, "B": 9}, question) == pytest.approx(10 - 0.7477 * 18)
+
+
+def test_intensities_summing_to_zero_are_not_an_answer():
+    question = Question("q", "p", {"A": 0, "B": 0, "C": 0, "D": 1})
+    assert score_question({"A": 0, "B": 0, "C": 0, "D": 0}, question) is None
+    assert score_question({"A": 0, "B": 0, "C": 0, "D": 0}, question, "v1") is None
+    assert not accepted("A: 0\nB: 0\nC: 0\nD: 0", question, "no_revise")
+
+
+def test_v1_scoring_rescales_answers_to_ten():
+    question = Question("q", "p", None, reference_v1={"A": 5, "B": 5, "C": 0, "D": 0})
+    assert score_question({"A": 2, "B": 2, "C": 0, "D": 0}, question, "v1") == pytest.approx(10)
+    # 4/8*10 = 5 off by 0, 2/8*10 = 2.5 off by 2.5 twice, 2/8*10 = 2.5 off by 2.5.
+    assert score_question({"A": 4, "B": 2, "C": 2, "D": 0}, question, "v1") == pytest.approx(10 - 5.0)
+    with pytest.raises(EqBenchInputError, match="no full-scale reference"):
+        score_question({"A": 4, "B": 2, "C": 2, "D": 0}, question, "v2")
+
+
+def test_v1_question_file_is_scored_as_v1(tmp_path):
+    ref = {"emotion1": "A", "emotion2": "B", "emotion3": "C", "emotion4": "D"}
+    ref.update({"emotion1_score": 5, "emotion2_score": 5, "emotion3_score": 0, "emotion4_score": 0})
+    path = tmp_path / "eq_bench_v1_questions_60.json"
+    path.write_text(json.dumps({str(i): {"prompt": "p", "reference_answer": ref} for i in range(60)}), encoding="utf-8")
+    questions = load_questions(path)
+    perfect = reply({"A": 1, "B": 1, "C": 0, "D": 0}, {"A": 3, "B": 3, "C": 0, "D": 0})
+    result = score_responses({qid: perfect for qid in questions}, questions, "revise")
+    assert (result.version, result.score, result.parseable) == ("v1", pytest.approx(100), 60)
+    # v1 questions are asked as written, whatever the mode.
+    assert question_prompt(questions["0"], "no_revise") == "p"
+
+
+def test_failed_run_rule():
+    questions = make_questions(171)
+    good = reply(questions["1"].reference, questions["1"].reference)
+    for parseable, failed in ((143, False), (142, True)):
+        replies = {qid: good for qid in list(questions)[:parseable]}
+        result = revise_scores(replies, questions)
+        assert (result.parseable, result.failed) == (parseable, failed)
+
+
+def test_no_revise_parser():
+    text = "Angry: 1\nCalm: 2\nAngry: 7\nNote:5 Proud: 3\nScared: 5"
+    assert parse_answers(text, "no_revise") == ({"Angry": 7, "Calm": 2, "Proud": 3, "Scared": 5}, {})
+    # Laid out with both headings anyway: read as the recorded harness read it (as in revise mode).
+    laid_out = reply({"Angry": 1}, {"Angry": 2})
+    assert parse_answers(laid_out, "no_revise") == parse_answers(laid_out, "revise") == ({"Angry": 1}, {"Angry": 2})
+
+
+def test_retry_rules():
+    question = make_questions(1)["1"]
+    ref = question.reference
+    plain = "\n".join(f"{k}: {v}" for k, v in ref.items())
+    assert accepted(plain, question, "no_revise")
+    assert not accepted(plain, question, "revise") and not partial(plain, question, "revise")
+    half = reply(ref, {"Angry": 1})
+    assert not accepted(half, question, "revise") and partial(half, question, "revise")
+    assert accepted(reply(ref, ref), question, "revise")
+    assert not partial("nothing", question, "no_revise")
+    assert attempt_temperatures() == [0.01, 0.16, 0.31]
+
+
+def test_mode_is_read_from_our_results_file(tmp_path):
+    questions = make_questions(2)
+    path = tmp_path / "eqbench_replies.json"
+    path.write_text(json.dumps(results_file({"1": "Angry: 1"}, "revise", "v2")), encoding="utf-8")
+    responses = read_responses(path)
+    assert (responses.mode, responses.version, responses.iterations) == ("revise", "v2", {"1": {"1": "Angry: 1"}})
+    assert detect_mode(responses.iterations) == "no_revise"
+    assert score_run(responses.iterations, questions, responses.mode).iterations["1"].mode == "revise"
 
 
 def test_parse_sections():
-    first, revised = parse_answers(reply({"Angry": 7, "Calm": 1}, {"Angry": 6, "Calm": 2}))
+    first, revised = parse_answers(reply({"Angry": 7, "Calm": 1}, {"Angry": 6, "Calm": 2}), "revise")
     assert first == {"Angry": 7, "Calm": 1}
     assert revised == {"Angry": 6, "Calm": 2}
     # No revision heading: neither pass can be delimited.
-    assert parse_answers("First pass scores:\nAngry: 7\n") == ({}, {})
+    assert parse_answers("First pass scores:\nAngry: 7\n", "revise") == ({}, {})
     # Decorated or glued pairs are not answers.
-    assert parse_answers("First pass scores:\n**Angry:** 7\nCalm:3\nRevised scores:\n") == ({}, {})
+    assert parse_answers("First pass scores:\n**Angry:** 7\nCalm:3\nRevised scores:\n", "revise") == ({}, {})
 
 
 def test_perfect_replies_score_100():
     questions = make_questions(3)
     responses = {qid: reply(q.reference, q.reference) for qid, q in questions.items()}
-    result = score_responses(responses, questions)
+    result = revise_scores(responses, questions)
     assert result.score == pytest.approx(100)
     assert result.parseable == result.first_pass_parseable == result.revised_parseable == 3
     assert result.unparseable_ids == ()
@@ -107,7 +229,7 @@ def test_missing_or_extra_emotion_is_unparseable_and_listed():
     missing = {k: v for k, v in ref.items() if k != "Calm"}
     extra = {**ref, "Happy": 2}
     responses = {"1": reply(missing, missing), "2": reply(extra, extra), "3": reply(ref, ref)}
-    result = score_responses(responses, questions)
+    result = revise_scores(responses, questions)
     assert result.per_question["1"].first_pass is None
     assert result.per_question["2"].revised is None
     assert result.parseable == 1
@@ -117,7 +239,7 @@ def test_missing_or_extra_emotion_is_unparseable_and_listed():
 
 def test_reply_missing_for_a_question_is_counted():
     questions = make_questions(2)
-    result = score_responses({"1": reply(questions["1"].reference, questions["1"].reference)}, questions)
+    result = revise_scores({"1": reply(questions["1"].reference, questions["1"].reference)}, questions)
     assert result.missing_ids == ("2",)
     assert result.unparseable_ids == ("2",)
     assert result.n_questions == 2
@@ -131,7 +253,7 @@ def test_reply_for_unknown_question_is_an_error():
 def test_revision_used_when_better_and_as_parseable():
     questions = make_questions(4)
     responses = {qid: reply(off_by(q.reference, 3), q.reference) for qid, q in questions.items()}
-    result = score_responses(responses, questions)
+    result = revise_scores(responses, questions)
     assert result.chosen_pass == "revised"
     assert result.score == result.revised_score == pytest.approx(100)
     assert result.first_pass_score < 100
@@ -140,7 +262,7 @@ def test_revision_used_when_better_and_as_parseable():
 def test_revision_ignored_when_worse():
     questions = make_questions(4)
     responses = {qid: reply(q.reference, off_by(q.reference, 3)) for qid, q in questions.items()}
-    result = score_responses(responses, questions)
+    result = revise_scores(responses, questions)
     assert result.chosen_pass == "first_pass"
     assert result.score == result.first_pass_score == pytest.approx(100)
 
@@ -151,7 +273,7 @@ def test_revision_ignored_when_it_loses_parseable_replies():
     responses = {
         qid: reply(off_by(q.reference, 3), broken if qid in {"1", "2"} else q.reference) for qid, q in questions.items()
     }
-    result = score_responses(responses, questions)
+    result = revise_scores(responses, questions)
     assert result.revised_parseable == 18 < 0.95 * result.first_pass_parseable
     assert result.revised_score > result.first_pass_score
     assert result.chosen_pass == "first_pass"
@@ -159,7 +281,7 @@ def test_revision_ignored_when_it_loses_parseable_replies():
     assert result.parseable == 20
     # 19 of 20 is still enough.
     responses["2"] = reply(off_by(questions["2"].reference, 3), questions["2"].reference)
-    assert score_responses(responses, questions).chosen_pass == "revised"
+    assert revise_scores(responses, questions).chosen_pass == "revised"
 
 
 def test_plain_map_and_iterations_are_averaged(tmp_path):
@@ -175,7 +297,7 @@ def test_plain_map_and_iterations_are_averaged(tmp_path):
         json.dumps({"raw_results": {"1": {"raw_inference": perfect}, "2": {"raw_inference": half}}}),
         encoding="utf-8",
     )
-    run = score_run(load_responses(harness), questions)
+    run = score_run(load_responses(harness), questions, "revise")
     assert run.score == pytest.approx(100)
     assert run.parseable == 1.5
 

@@ -1,22 +1,35 @@
-"""EQ-Bench v2: score a model's raw replies exactly as the reference harness (v2.0) does.
+"""EQ-Bench: ask and score a model exactly as the reference harness (EQ-bench/EQ-Bench) does.
 
-The scores must be comparable with published EQ-Bench v2 numbers, so every rule follows the
-harness that produced them; the two recorded harness runs in the shared data are the
-conformance vectors (tests/test_eqbench.py).
+The scores must be comparable with published EQ-Bench numbers, so every rule follows the harness
+whose recorded runs are the conformance vectors (tests/test_eqbench.py; docs/evaluation.md).
 
-- A reply has a first pass (between ``First pass scores:`` and ``Revised scores:``) and a
-  revision (after ``Revised scores:``). Each holds ``Name: <int>`` pairs: one word, matched
-  case-sensitively, a colon, whitespace, then digits. Anything else (``**Name:** 5``,
-  ``Name:5``) is not an answer, as in the harness.
-- A pass of a question is parseable only if it names exactly the reference's four emotions.
-- Per emotion, d = |answer - reference| against the full-scale reference; the penalty is
-  0 for d = 0, 6.5 / (1 + e^(-1.2 (d - 4))) for 0 < d < 5, and d itself for d >= 5.
-  Question score = 10 - 0.7477 * (sum of the four penalties).
-- Pass score = 10 * mean question score over that pass's parseable questions (0 if none).
-- The revision is the final score when it scores at least the first pass and has at least
-  0.95 times as many parseable questions; otherwise the first pass is.
-- Several iterations of one run: each is scored on its own, then the final scores and the
-  parseable counts are averaged, as the harness does.
+- **Modes.** ``no_revise`` (the harness's default since v2.1) asks for one set of ``Emotion: N``
+  lines: the question's revise instructions are cut out and ``Your answer:`` is appended, as the
+  harness's ``remove_revision_instructions`` does. ``revise`` sends the question as written: a first
+  pass, a critique and revised scores under the headings ``First pass scores:`` and
+  ``Revised scores:``. v1 questions are always asked in revise form, as in the harness.
+- **Parsing.** Answers are ``Name: <int>`` pairs: one word, matched case-sensitively, a colon,
+  whitespace, then digits (``**Name:** 5`` or ``Name:5`` is no answer). A later pair with the same
+  name overrides an earlier one. In revise mode the first pass is the text between the two headings
+  and the revision the text after ``Revised scores:``. In no-revise mode a reply laid out with both
+  headings anyway is read the same way (as the harness that recorded the shared runs did); any
+  other reply is read whole as the first pass.
+- **Validity.** A pass of a question counts (is *parseable*) only if it names exactly the
+  reference's four emotions and its four intensities do not sum to 0.
+- **Question score.** v2: per emotion d = |answer - reference| against the full-scale reference;
+  the penalty is 0 for d = 0, 6.5 / (1 + e^(-1.2 (d - 4))) for 0 < d < 5, and d itself for d >= 5
+  (the recorded runs were scored with ``d < 5``; later harness versions moved d = 5 onto the curve,
+  0.005 less). Question score = 10 - 0.7477 * (sum of the penalties). v1: the answers are rescaled
+  to sum to 10 and the score is 10 - sum |answer - reference| against the v1 reference.
+- **Benchmark score.** A pass scores 10 * the mean question score over its parseable questions (0
+  if none). The revision is the final score when it scores at least the first pass and has at least
+  0.95 times as many parseable questions; otherwise the first pass is. Iterations are scored apart
+  and averaged; the score and the parseable count are rounded to 2 decimals. A run with fewer than
+  83.33 % of its questions parseable has *failed*: the harness records no score for it.
+- **Retries.** The harness asks an unparseable question again, up to 3 attempts, at temperature
+  0.01, then 0.16, then 0.31. It takes the first reply whose passes all parse; in revise mode it
+  otherwise keeps the first reply of which one pass parsed. :func:`accepted` and :func:`partial`
+  say which; the evaluation harness runs the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +42,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+Mode = Literal["revise", "no_revise"]
+Version = Literal["v1", "v2"]
+MODES: tuple[str, ...] = ("revise", "no_revise")
+DEFAULT_MODE: Mode = "no_revise"
+MAX_ATTEMPTS = 3
+FIRST_TEMPERATURE = 0.01
+TEMPERATURE_STEP = 0.15
+MIN_PARSEABLE_FRACTION = 0.8333
 
 _FIRST_PASS = re.compile(r"First pass scores:(.*?)Revised scores:", re.DOTALL)
 _REVISED = re.compile(r"Revised scores:(.*)", re.DOTALL)
@@ -38,6 +61,13 @@ _N_EMOTIONS = 4
 _ADJUST = 0.7477  # chosen by the benchmark so that random answers score about zero
 _REVISION_MIN_PARSEABLE = 0.95
 
+# The no-revise prompt: the harness's edit of the revise prompt (English questions).
+_REVISE_SENTENCE = " Then critique your answer by thinking it through step by step. Finally, give your revised scores."
+_FIRST_PASS_HEADING = "First pass scores:\n"
+_CRITIQUE = "Critique: <your critique here>"
+_END_OF_ANSWER = "[End of answer]"
+_ANSWER_CUE = "\nYour answer:\n"
+
 
 class EqBenchInputError(ValueError):
     """A questions or responses file that cannot be used as given."""
@@ -45,11 +75,20 @@ class EqBenchInputError(ValueError):
 
 @dataclass(frozen=True)
 class Question:
-    """One EQ-Bench question: the prompt a model answers and the full-scale reference intensities."""
+    """One EQ-Bench question: its revise-form prompt and reference intensities.
+
+    ``reference`` is the v2 full-scale reference (0-10 per emotion), ``reference_v1`` the legacy
+    v1 reference (intensities summing to 10); a v1 question file has only the latter.
+    """
 
     id: str
     prompt: str
-    reference: dict[str, int]
+    reference: dict[str, int] | None
+    reference_v1: dict[str, float] | None = None
+
+    @property
+    def emotions(self) -> set[str]:
+        return set(self.reference if self.reference is not None else self.reference_v1 or {})
 
 
 @dataclass(frozen=True)
@@ -62,7 +101,7 @@ class QuestionScore:
 
 @dataclass(frozen=True)
 class EqBenchResult:
-    """One iteration scored; `parseable` and `unparseable_ids` belong to the chosen pass."""
+    """One iteration scored; ``parseable`` and ``unparseable_ids`` belong to the chosen pass."""
 
     score: float
     first_pass_score: float
@@ -75,29 +114,49 @@ class EqBenchResult:
     unparseable_ids: tuple[str, ...]
     missing_ids: tuple[str, ...]
     per_question: dict[str, QuestionScore]
+    mode: Mode = DEFAULT_MODE
+    version: Version = "v2"
+
+    @property
+    def failed(self) -> bool:
+        """Whether the harness would mark the run failed: under 83.33 % of the questions parseable."""
+        return self.parseable / self.n_questions < MIN_PARSEABLE_FRACTION
+
+    @property
+    def benchmark_score(self) -> float:
+        """The score as the harness reports it: rounded to 2 decimals."""
+        return round(self.score, 2)
 
 
 @dataclass(frozen=True)
 class EqBenchRun:
-    """Several iterations of one model, averaged the way the harness averages them."""
+    """Several iterations of one model, averaged and rounded the way the harness does."""
 
     iterations: dict[str, EqBenchResult]
 
     @property
     def score(self) -> float:
-        return _mean([r.score for r in self.iterations.values()])
+        return round(_mean([r.score for r in self.iterations.values()]), 2)
 
     @property
     def parseable(self) -> float:
-        return _mean([r.parseable for r in self.iterations.values()])
+        return round(_mean([r.parseable for r in self.iterations.values()]), 2)
 
     @property
     def first_pass_score(self) -> float:
-        return _mean([r.first_pass_score for r in self.iterations.values()])
+        return round(_mean([r.first_pass_score for r in self.iterations.values()]), 2)
 
     @property
     def revised_score(self) -> float:
-        return _mean([r.revised_score for r in self.iterations.values()])
+        return round(_mean([r.revised_score for r in self.iterations.values()]), 2)
+
+    @property
+    def n_questions(self) -> int:
+        return next(iter(self.iterations.values())).n_questions
+
+    @property
+    def failed(self) -> bool:
+        return self.parseable / self.n_questions < MIN_PARSEABLE_FRACTION
 
 
 def _mean(values: list[float]) -> float:
@@ -112,61 +171,94 @@ def _read_json(path: str | Path) -> object:
         raise EqBenchInputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
 
 
-def _intensity(value: object, where: str) -> int:
-    """Reference intensities are stored both as ints and as digit strings; both mean the same."""
-    if isinstance(value, int) and not isinstance(value, bool):
+def _intensity(value: object, where: str, upper: float = 10) -> float:
+    """Reference intensities are stored as numbers and as digit strings; both mean the same."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().isdecimal():
-        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = math.nan
     else:
-        raise EqBenchInputError(f"{where}: intensity {value!r} is not a whole number from 0 to 10")
-    if not 0 <= number <= 10:
-        raise EqBenchInputError(f"{where}: intensity {number} is outside 0-10")
-    return number
+        number = math.nan
+    if not 0 <= number <= upper:
+        raise EqBenchInputError(f"{where}: intensity {value!r} is not a number from 0 to {upper:g}")
+    return int(number) if float(number).is_integer() else float(number)
+
+
+def _reference(ref: object, where: str, key: str) -> dict:
+    if not isinstance(ref, dict):
+        raise EqBenchInputError(f"{where}: '{key}' must be an object with emotion1..4 and their scores")
+    reference: dict = {}
+    for i in range(1, _N_EMOTIONS + 1):
+        name = ref.get(f"emotion{i}")
+        if not isinstance(name, str) or not name:
+            raise EqBenchInputError(f"{where}: {key} lacks emotion{i}")
+        if name in reference:
+            raise EqBenchInputError(f"{where}: emotion {name!r} appears twice in {key}")
+        reference[name] = _intensity(ref.get(f"emotion{i}_score"), f"{where}: emotion{i}_score")
+    return reference
 
 
 def load_questions(path: str | Path) -> dict[str, Question]:
-    """Read the v2 question file (id -> prompt, reference_answer_fullscale) into Questions."""
+    """Read a question file: v2 (``reference_answer_fullscale``, 171 questions) or v1 (``reference_answer`` only)."""
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise EqBenchInputError(
-            f"{path}: expected a JSON object mapping question id to question; pass eq_bench_v2_questions_171.json"
+            f"{path}: expected a JSON object mapping question id to question, e.g. eq_bench_v2_questions_171.json"
         )
     questions = {}
     for qid, entry in raw.items():
         where = f"{path}: question {qid}"
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise EqBenchInputError(f"{where}: needs a string 'prompt'; is this the v2 question file?")
-        ref = entry.get("reference_answer_fullscale")
-        if not isinstance(ref, dict):
-            raise EqBenchInputError(
-                f"{where}: needs 'reference_answer_fullscale' (v2 questions); v1 files cannot be scored"
-            )
-        reference = {}
-        for i in range(1, _N_EMOTIONS + 1):
-            name = ref.get(f"emotion{i}")
-            if not isinstance(name, str) or not name:
-                raise EqBenchInputError(f"{where}: reference_answer_fullscale lacks emotion{i}")
-            if name in reference:
-                raise EqBenchInputError(f"{where}: emotion {name!r} appears twice in the reference")
-            reference[name] = _intensity(ref.get(f"emotion{i}_score"), f"{where}: emotion{i}_score")
-        questions[qid] = Question(id=qid, prompt=entry["prompt"], reference=reference)
+            raise EqBenchInputError(f"{where}: needs a string 'prompt'; is this an EQ-Bench question file?")
+        if "reference_answer_fullscale" not in entry and "reference_answer" not in entry:
+            raise EqBenchInputError(f"{where}: needs 'reference_answer_fullscale' (v2) or 'reference_answer' (v1)")
+        full = entry.get("reference_answer_fullscale")
+        legacy = entry.get("reference_answer")
+        questions[qid] = Question(
+            id=qid,
+            prompt=entry["prompt"],
+            reference=None if full is None else _reference(full, where, "reference_answer_fullscale"),
+            reference_v1=None if legacy is None else _reference(legacy, where, "reference_answer"),
+        )
+    kinds = {q.reference is None for q in questions.values()}
+    if len(kinds) > 1:
+        raise EqBenchInputError(f"{path}: some questions have 'reference_answer_fullscale' and some do not")
     return questions
 
 
-def question_prompts(questions: Mapping[str, Question]) -> dict[str, str]:
-    """The text each question asks a model to answer, by id; a harness wraps it in a chat template."""
-    return {qid: q.prompt for qid, q in questions.items()}
+def questions_version(questions: Mapping[str, Question]) -> Version:
+    """``v2`` when the questions carry the full-scale reference, else ``v1``."""
+    return "v1" if any(q.reference is None for q in questions.values()) else "v2"
+
+
+def question_prompt(question: Question, mode: Mode) -> str:
+    """The text the harness sends for ``question`` in ``mode`` (wrapped in a chat template by the caller)."""
+    _check_mode(mode)
+    if mode == "revise" or question.reference is None:  # v1 is always asked in revise form
+        return question.prompt
+    prompt = question.prompt.replace(_REVISE_SENTENCE, "").replace(_FIRST_PASS_HEADING, "")
+    prompt = prompt[: prompt.find(_CRITIQUE)] + "\n" + prompt[prompt.find(_END_OF_ANSWER) :]
+    return prompt + _ANSWER_CUE
+
+
+def question_prompts(questions: Mapping[str, Question], mode: Mode = DEFAULT_MODE) -> dict[str, str]:
+    """Every question's prompt in ``mode``, by id."""
+    return {qid: question_prompt(q, mode) for qid, q in questions.items()}
 
 
 def _answers(section: str) -> dict[str, int]:
-    # A name given twice keeps its last value, as in the harness.
     return {name: int(value) for name, value in _ANSWER.findall(section)}
 
 
-def parse_answers(text: str) -> tuple[dict[str, int], dict[str, int]]:
+def parse_answers(text: str, mode: Mode = "revise") -> tuple[dict[str, int], dict[str, int]]:
     """Split a reply into (first pass, revised) emotion intensities; a missing section gives {}."""
+    _check_mode(mode)
     first = _FIRST_PASS.search(text)
+    if mode == "no_revise" and not first:
+        return _answers(text), {}
     revised = _REVISED.search(text)
     return (
         _answers(first.group(1)) if first else {},
@@ -174,7 +266,7 @@ def parse_answers(text: str) -> tuple[dict[str, int], dict[str, int]]:
     )
 
 
-def _penalty(difference: int) -> float:
+def _penalty(difference: float) -> float:
     """Small misses cost little (S-curve), misses of 5 or more cost their full size."""
     if difference == 0:
         return 0.0
@@ -183,11 +275,42 @@ def _penalty(difference: int) -> float:
     return float(difference)
 
 
-def score_question(answers: Mapping[str, int], reference: Mapping[str, int]) -> float | None:
-    """Score one pass of one question (10 is perfect); None unless it names exactly the reference emotions."""
-    if set(answers) != set(reference):
+def score_question(answers: Mapping[str, int], question: Question, version: Version = "v2") -> float | None:
+    """Score one pass of one question (10 is perfect); None unless it names exactly the reference's
+    four emotions with intensities that do not sum to 0."""
+    if len(answers) != _N_EMOTIONS or set(answers) != question.emotions or sum(answers.values()) <= 0:
         return None
-    return 10 - _ADJUST * sum(_penalty(abs(answers[name] - ref)) for name, ref in reference.items())
+    if version == "v2":
+        if question.reference is None:
+            raise EqBenchInputError(f"question {question.id}: no full-scale reference, so it cannot be scored as v2")
+        penalties = sum(_penalty(abs(answers[name] - ref)) for name, ref in question.reference.items())
+        return 10 - _ADJUST * penalties
+    if question.reference_v1 is None:
+        raise EqBenchInputError(f"question {question.id}: no v1 reference ('reference_answer')")
+    total = sum(answers.values())
+    return 10 - sum(abs(answers[name] / total * 10 - ref) for name, ref in question.reference_v1.items())
+
+
+def _pass_scores(text: str, question: Question, mode: Mode, version: Version) -> QuestionScore:
+    first, revised = parse_answers(text, mode)
+    return QuestionScore(score_question(first, question, version), score_question(revised, question, version))
+
+
+def accepted(text: str, question: Question, mode: Mode, version: Version = "v2") -> bool:
+    """Whether the harness takes this reply without asking again: every pass the mode asks for parses."""
+    scores = _pass_scores(text, question, mode, version)
+    return scores.first_pass is not None and (mode == "no_revise" or scores.revised is not None)
+
+
+def partial(text: str, question: Question, mode: Mode, version: Version = "v2") -> bool:
+    """Whether a revise-mode reply is kept once the attempts run out: one of its passes parses."""
+    scores = _pass_scores(text, question, mode, version)
+    return mode == "revise" and (scores.first_pass is not None or scores.revised is not None)
+
+
+def attempt_temperatures(attempts: int = MAX_ATTEMPTS) -> list[float]:
+    """The sampling temperature of each attempt: 0.01, then 0.15 more per retry."""
+    return [round(FIRST_TEMPERATURE + TEMPERATURE_STEP * i, 10) for i in range(attempts)]
 
 
 def _pass_score(scores: list[float | None]) -> tuple[float, int]:
@@ -195,24 +318,27 @@ def _pass_score(scores: list[float | None]) -> tuple[float, int]:
     return (10 * _mean(parsed) if parsed else 0.0), len(parsed)
 
 
-def score_responses(responses: Mapping[str, str], questions: Mapping[str, Question]) -> EqBenchResult:
+def score_responses(
+    responses: Mapping[str, str],
+    questions: Mapping[str, Question],
+    mode: Mode = DEFAULT_MODE,
+    version: Version | None = None,
+) -> EqBenchResult:
     """Score one iteration of replies (question id -> reply text) against the questions."""
+    _check_mode(mode)
+    version = version or questions_version(questions)
     unknown = [qid for qid in responses if qid not in questions]
     if unknown:
         raise EqBenchInputError(
             f"replies for {len(unknown)} question id(s) not in the question file, e.g. {unknown[:5]}; "
             "score them against the question file the model was asked"
         )
-    per_question = {}
-    for qid, question in questions.items():
-        if qid not in responses:
-            per_question[qid] = QuestionScore(first_pass=None, revised=None)
-            continue
-        first, revised = parse_answers(responses[qid])
-        per_question[qid] = QuestionScore(
-            first_pass=score_question(first, question.reference),
-            revised=score_question(revised, question.reference),
-        )
+    per_question = {
+        qid: _pass_scores(responses[qid], question, mode, version)
+        if qid in responses
+        else QuestionScore(first_pass=None, revised=None)
+        for qid, question in questions.items()
+    }
     first_score, first_parseable = _pass_score([s.first_pass for s in per_question.values()])
     revised_score, revised_parseable = _pass_score([s.revised for s in per_question.values()])
     use_revised = revised_score >= first_score and revised_parseable >= _REVISION_MIN_PARSEABLE * first_parseable
@@ -229,14 +355,30 @@ def score_responses(responses: Mapping[str, str], questions: Mapping[str, Questi
         unparseable_ids=tuple(qid for qid, s in per_question.items() if getattr(s, chosen) is None),
         missing_ids=tuple(qid for qid in questions if qid not in responses),
         per_question=per_question,
+        mode=mode,
+        version=version,
     )
 
 
-def score_run(iterations: Mapping[str, Mapping[str, str]], questions: Mapping[str, Question]) -> EqBenchRun:
+def score_run(
+    iterations: Mapping[str, Mapping[str, str]],
+    questions: Mapping[str, Question],
+    mode: Mode = DEFAULT_MODE,
+    version: Version | None = None,
+) -> EqBenchRun:
     """Score every iteration of a run (iteration id -> replies)."""
     if not iterations:
         raise EqBenchInputError("no iterations to score")
-    return EqBenchRun({it: score_responses(replies, questions) for it, replies in iterations.items()})
+    return EqBenchRun({it: score_responses(replies, questions, mode, version) for it, replies in iterations.items()})
+
+
+@dataclass(frozen=True)
+class Responses:
+    """Replies by iteration, with the mode and version the file says it was asked in (None: not said)."""
+
+    iterations: dict[str, dict[str, str]]
+    mode: Mode | None = None
+    version: Version | None = None
 
 
 def _replies(value: object, where: str) -> dict[str, str]:
@@ -245,9 +387,9 @@ def _replies(value: object, where: str) -> dict[str, str]:
     return value
 
 
-def load_responses(path: str | Path) -> dict[str, dict[str, str]]:
-    """Read replies by iteration: a harness results file (raw_results -> iteration -> raw_inference)
-    or a plain {question id: reply text} map, which counts as iteration "1"."""
+def read_responses(path: str | Path) -> Responses:
+    """Read a harness results file (raw_results -> iteration -> raw_inference), a file written by
+    this project's evaluation (the same, plus ``revise``), or a plain {question id: reply} map."""
     raw = _read_json(path)
     if isinstance(raw, dict) and "raw_results" in raw:
         runs = raw["raw_results"]
@@ -258,39 +400,80 @@ def load_responses(path: str | Path) -> dict[str, dict[str, str]]:
             if not isinstance(run, dict) or "raw_inference" not in run:
                 raise EqBenchInputError(f"{path}: raw_results -> {it} has no 'raw_inference'")
             iterations[it] = _replies(run["raw_inference"], f"{path}: raw_results -> {it} -> raw_inference")
-        return iterations
+        revise = raw.get("revise")
+        version = raw.get("eqbench_version")
+        return Responses(
+            iterations,
+            mode=None if not isinstance(revise, bool) else ("revise" if revise else "no_revise"),
+            version=version if version in ("v1", "v2") else None,
+        )
     if isinstance(raw, dict) and raw and all(isinstance(t, str) for t in raw.values()):
-        return {"1": raw}
+        return Responses({"1": raw})
     raise EqBenchInputError(
         f"{path}: expected an EQ-Bench results file (with 'raw_results') "
         "or a JSON object mapping question id to reply text"
     )
 
 
+def load_responses(path: str | Path) -> dict[str, dict[str, str]]:
+    """Replies by iteration, from any file :func:`read_responses` reads."""
+    return read_responses(path).iterations
+
+
+def detect_mode(iterations: Mapping[str, Mapping[str, str]]) -> Mode:
+    """The mode replies were asked in, read from the replies themselves.
+
+    Asked in revise form, a model lays out its reply under both headings; asked without, it does so
+    rarely (3 of 170 replies in the shared Qwen-7B-Chat run). So: revise when most replies do.
+    """
+    replies = [text for run in iterations.values() for text in run.values()]
+    laid_out = sum(bool(_FIRST_PASS.search(text)) for text in replies)
+    return "revise" if replies and laid_out * 2 > len(replies) else "no_revise"
+
+
+def results_file(
+    replies: Mapping[str, str], mode: Mode, version: Version, attempts: Mapping[str, int] | None = None
+) -> dict[str, object]:
+    """Replies in the harness's results layout, with the mode stated, so the CLI rescoring needs no guess."""
+    iteration: dict[str, object] = {"raw_inference": dict(replies)}
+    if attempts is not None:
+        iteration["attempts"] = dict(attempts)
+    return {"eqbench_version": version, "revise": mode == "revise", "raw_results": {"1": iteration}}
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise EqBenchInputError(f"EQ-Bench mode {mode!r} is not one of {list(MODES)}")
+
+
 def _summary(result: EqBenchResult) -> dict[str, object]:
     return {
-        "score": result.score,
-        "first_pass_score": result.first_pass_score,
-        "revised_score": result.revised_score,
+        "score": result.benchmark_score,
+        "first_pass_score": round(result.first_pass_score, 2),
+        "revised_score": round(result.revised_score, 2),
         "chosen_pass": result.chosen_pass,
         "parseable": result.parseable,
         "first_pass_parseable": result.first_pass_parseable,
         "revised_parseable": result.revised_parseable,
         "n_questions": result.n_questions,
+        "failed": result.failed,
         "unparseable_ids": list(result.unparseable_ids),
         "missing_ids": list(result.missing_ids),
     }
 
 
-def _report(run: EqBenchRun) -> dict[str, object]:
-    """Run-level numbers first (means over iterations), then each iteration in full."""
-    any_result = next(iter(run.iterations.values()))
+def _report(run: EqBenchRun, mode: Mode, mode_source: str, version: Version) -> dict[str, object]:
+    """Run-level numbers first (means over iterations, rounded as the harness rounds), then each iteration."""
     return {
         "score": run.score,
+        "parseable": run.parseable,
+        "n_questions": run.n_questions,
+        "failed": run.failed,
+        "mode": mode,
+        "mode_source": mode_source,
+        "version": version,
         "first_pass_score": run.first_pass_score,
         "revised_score": run.revised_score,
-        "parseable": run.parseable,
-        "n_questions": any_result.n_questions,
         "n_iterations": len(run.iterations),
         "unparseable_ids": {it: list(r.unparseable_ids) for it, r in run.iterations.items()},
         "iterations": {it: _summary(r) for it, r in run.iterations.items()},
@@ -300,24 +483,47 @@ def _report(run: EqBenchRun) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m moei_lightning.eval.eqbench",
-        description="Score EQ-Bench v2 replies as the reference harness does and print the result as JSON.",
+        description="Score EQ-Bench replies as the reference harness does and print the result as JSON. "
+        "A run with under 83.33%% of its questions parseable is reported with \"failed\": true.",
     )
     parser.add_argument(
         "responses",
-        help="an EQ-Bench harness results file (raw_results -> iteration -> raw_inference) "
-        "or a JSON object mapping question id to the model's reply",
+        help="an EQ-Bench harness results file (raw_results -> iteration -> raw_inference), the "
+        "eqbench_replies.json of an evaluation run, or a JSON object mapping question id to reply",
     )
-    parser.add_argument("--questions", required=True, help="the v2 question file, e.g. eq_bench_v2_questions_171.json")
+    parser.add_argument(
+        "--questions", required=True, help="the question file, e.g. eq_bench_v2_questions_171.json (v1: 60 questions)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["auto", *MODES],
+        default="auto",
+        help="how the questions were asked; auto: as the file says, else revise when most replies carry "
+        "both 'First pass scores:' and 'Revised scores:' (default: auto)",
+    )
     args = parser.parse_args(argv)
     try:
-        iterations, questions = load_responses(args.responses), load_questions(args.questions)
+        responses, questions = read_responses(args.responses), load_questions(args.questions)
     except (OSError, EqBenchInputError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    version = questions_version(questions)
+    if responses.version is not None and responses.version != version:
+        parser.exit(
+            2,
+            f"{parser.prog}: error: {args.responses} holds an EQ-Bench {responses.version} run but "
+            f"{args.questions} is a {version} question file; pass the question file the run was asked\n",
+        )
+    if args.mode != "auto":
+        mode, source = args.mode, "--mode"
+    elif responses.mode is not None:
+        mode, source = responses.mode, "file"
+    else:
+        mode, source = detect_mode(responses.iterations), "replies"
     try:
-        run = score_run(iterations, questions)
+        run = score_run(responses.iterations, questions, mode, version)
     except EqBenchInputError as e:
         parser.exit(2, f"{parser.prog}: error: {args.responses}: {e}\n")
-    json.dump(_report(run), sys.stdout, indent=2)
+    json.dump(_report(run, mode, source, version), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
