@@ -9,6 +9,7 @@ import torch
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
 from moei_lightning.eval.distributed import merge, shard, sharded_map
+from moei_lightning.eval.eqbench import question_prompt
 from moei_lightning.eval.harness import Harness, chat_prompt
 from moei_lightning.eval.suites import SuiteInputs, eibench_items, eqbench_questions, gi_items
 from moei_lightning.module import MoEIModule
@@ -129,3 +130,45 @@ def test_eqbench_prompts_go_through_the_chat_template(shared_data: Path) -> None
     outcome = harness.eqbench(questions, max_new_tokens=4)
     assert set(outcome.replies) == {"1", "2"}
     assert outcome.result.parseable == 0 and outcome.result.n_questions == 2  # counted, not dropped
+
+
+def test_eqbench_asks_again_as_the_reference_harness_does(shared_data: Path, monkeypatch) -> None:
+    """Attempts at 0.01, 0.16, 0.31; a parsing reply ends a question's attempts; revise keeps a partial reply."""
+    harness = tiny_harness("tiny-llama")
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 3)
+    ref = {qid: q.reference for qid, q in questions.questions.items()}
+
+    def scores(qid: str) -> str:
+        return "\n".join(f"{name}: {value + 1}" for name, value in ref[qid].items())
+
+    # Question 1 parses at once, question 2 at the second attempt, question 3 never (one pass at the first).
+    script = {
+        "1": [f"First pass scores:\n{scores('1')}\nRevised scores:\n{scores('1')}"],
+        "2": ["no idea", f"First pass scores:\n{scores('2')}\nRevised scores:\n{scores('2')}"],
+        "3": [f"First pass scores:\n{scores('3')}\nRevised scores:\nnone", "nothing", "nothing again"],
+    }
+    prompts = {chat_prompt(harness.tokenizer, q.prompt): qid for qid, q in questions.questions.items()}
+    calls: list[tuple[float | None, list[str]]] = []
+
+    def generate(batch: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
+        ids = [prompts[p] for p in batch]
+        calls.append((temperature, ids))
+        return [script[qid][len(calls) - 1] for qid in ids]
+
+    monkeypatch.setattr(harness, "generate", generate)
+    outcome = harness.eqbench(questions, max_new_tokens=8, mode="revise")
+    assert calls == [(0.01, ["1", "2", "3"]), (0.16, ["2", "3"]), (0.31, ["3"])]
+    assert outcome.attempts == {"1": 1, "2": 2, "3": 3}
+    assert outcome.replies["3"] == script["3"][0]  # the partial reply, not the last one
+    assert outcome.result.first_pass_parseable == 3 and outcome.result.revised_parseable == 2
+
+
+def test_eqbench_no_revise_prompt_is_sent(shared_data: Path, monkeypatch) -> None:
+    harness = tiny_harness("tiny-llama")
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
+    sent: list[str] = []
+    monkeypatch.setattr(harness, "generate", lambda batch, n, t=None: sent.extend(batch) or ["x"] * len(batch))
+    outcome = harness.eqbench(questions, max_new_tokens=8)
+    assert len(sent) == 3  # never parses: three attempts
+    assert sent[0] == chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], "no_revise"))
+    assert outcome.result.mode == "no_revise" and outcome.result.failed

@@ -35,10 +35,11 @@ def open_outcome(task: str, prediction: str, reference: str) -> OpenOutcome:
     return OpenOutcome(Item("eibench", task, "expression", "en", record, answer=None), prediction)
 
 
-def eqbench_outcome() -> EqBenchOutcome:
-    questions = {qid: Question(id=qid, prompt="p", reference=REFERENCE) for qid in ("1", "2")}
+def eqbench_outcome(parseable: int = 5) -> EqBenchOutcome:
+    """Six questions, ``parseable`` of them answered perfectly (5 of 6 is just above the 83.33 % floor)."""
+    questions = {str(i): Question(id=str(i), prompt="p", reference=REFERENCE) for i in range(1, 7)}
     scores = "\n".join(f"{name}: {value}" for name, value in REFERENCE.items())
-    replies = {"1": f"First pass scores:\n{scores}\nRevised scores:\n{scores}\n", "2": "I cannot say."}
+    replies = {qid: scores if int(qid) <= parseable else "I cannot say." for qid in questions}
     return EqBenchOutcome(EqBenchQuestions("q.json", questions, 171), replies, score_responses(replies, questions))
 
 
@@ -76,8 +77,8 @@ def test_summary_numbers() -> None:
     assert scores["GI/knowledge"] == pytest.approx(75.0)
     assert scores["GI/reasoning"] == pytest.approx(0.0)
     assert scores["GI/average"] == pytest.approx(37.5)
-    assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the one parseable reply is perfect
-    assert scores["EQ-Bench v2/parseable"] == 1
+    assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the parseable replies are perfect
+    assert scores["EQ-Bench v2/parseable"] == 5
     assert scores["EmoBench/EU-emotion"] == pytest.approx(50.0)
     assert scores["EmoBench/EA"] == pytest.approx(100.0)
     assert scores["EmoBench/average"] == pytest.approx(75.0)
@@ -97,7 +98,7 @@ def test_summary_numbers() -> None:
         "emobench_categories",
         "emotion_prompt",
     }
-    assert any("1 of 2 replies could not be parsed" in note for note in report.notes)
+    assert any("1 of 6 replies could not be parsed" in note for note in report.notes)
 
 
 def test_without_adapters_or_inter_gate_the_probe_says_so() -> None:
@@ -150,3 +151,10 @@ def test_compare_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         compare_main([str(bad)])
     assert f"{bad}: not a report.json" in capsys.readouterr().err
+
+
+def test_failed_eqbench_run_has_no_score() -> None:
+    results = dataclasses.replace(make_results(), eqbench=eqbench_outcome(parseable=4))
+    report = build_report(["eqbench"], results, CONFIG, {})
+    assert report.scores["EQ-Bench v2/score"] is None
+    assert "FAILED" in report.summary.rows[0][4]

@@ -9,7 +9,8 @@ How each number is made (docs/evaluation.md says the same for users):
   dimension scores the mean of its tasks' scores, so one large task does not drown the others; ``n``
   counts items. The EI and GI averages are means over the aspects or dimensions present.
 - EmoBench: accuracy per task over the configured languages; its average is the mean over tasks.
-- EQ-Bench v2: the benchmark's own 0-100 score; unparseable replies are counted, never dropped.
+- EQ-Bench: the benchmark's own 0-100 score, rounded to 2 decimals as the reference harness rounds it;
+  unparseable replies are counted, never dropped; under 83.33 % parseable the run has failed (no score).
 - EmotionPrompt: GI accuracy under each stimulus and its mean over stimuli, minus the plain accuracy
   (percentage points); the mean inter gate over the same prompts, plain and with stimuli.
 """
@@ -177,31 +178,41 @@ def _gi(outcomes: list[ChoiceOutcome], report: Report) -> None:
 def _eqbench(results: Results, report: Report) -> None:
     outcome = results.eqbench
     result, asked, available = outcome.result, outcome.result.n_questions, outcome.questions.available
+    name = f"EQ-Bench {result.version}"
     coverage = f"first {asked} of {available} questions (eval.limit)" if asked < available else f"all {asked} questions"
-    parse_note = f"{result.parseable} of {asked} parseable ({result.chosen_pass.replace('_', ' ')})"
-    report.summary.rows.append(["EQ-Bench v2", "score", result.score, asked, f"{parse_note}; {coverage}"])
-    report.summary.rows.append(["EQ-Bench v2", "parseable", result.parseable, asked, parse_note])
+    mode = result.mode.replace("_", "-")
+    parse_note = f"{result.parseable} of {asked} parseable ({result.chosen_pass.replace('_', ' ')}, {mode} mode)"
+    failed = " FAILED: under 83.33% parseable, the reference harness records no score" if result.failed else ""
+    report.summary.rows.append(
+        [name, "score", None if result.failed else result.benchmark_score, asked, f"{parse_note}; {coverage}{failed}"]
+    )
+    report.summary.rows.append([name, "parseable", result.parseable, asked, parse_note])
     unparseable = list(result.unparseable_ids)
     shown = ", ".join(unparseable[:30]) + (f", ... ({len(unparseable)} in all)" if len(unparseable) > 30 else "")
+    retried = sum(n > 1 for n in outcome.attempts.values())
     report.tables["eqbench"] = Table(
-        "EQ-Bench v2",
+        name,
         ["measure", "value"],
         [
-            ["score", result.score],
-            ["first pass score", result.first_pass_score],
-            ["revised score", result.revised_score],
+            ["score", result.benchmark_score],
+            ["failed (under 83.33% parseable)", "yes" if result.failed else "no"],
+            ["mode", mode],
+            ["first pass score", round(result.first_pass_score, 2)],
+            ["revised score", round(result.revised_score, 2)],
             ["chosen pass", result.chosen_pass],
             ["parseable (chosen pass)", f"{result.parseable} of {asked}"],
             ["parseable (first pass)", f"{result.first_pass_parseable} of {asked}"],
             ["parseable (revised)", f"{result.revised_parseable} of {asked}"],
+            ["questions asked again (up to 3 attempts)", retried],
             ["questions asked", f"{coverage} in {outcome.questions.path}"],
             ["unparseable question ids", shown or "none"],
         ],
-        note="Greedy replies to the prompts through the chat template, scored as the reference harness v2 does.",
+        note="Replies sampled at temperature 0.01 through the chat template (unparseable ones asked again, "
+        "0.15 hotter, up to 3 attempts), scored as the reference harness does (docs/evaluation.md).",
     )
     if result.parseable < asked:
         report.notes.append(
-            f"EQ-Bench v2: {asked - result.parseable} of {asked} replies could not be parsed and score nothing"
+            f"{name}: {asked - result.parseable} of {asked} replies could not be parsed and score nothing"
             + (" (with none parseable the benchmark score is 0)" if result.parseable == 0 else "")
             + "; the replies are in eqbench_replies.json, and "
             "`python -m moei_lightning.eval.eqbench eqbench_replies.json --questions ...` rescores them."

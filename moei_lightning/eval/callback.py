@@ -28,6 +28,7 @@ from moei_lightning.data import DataError, Encoder
 from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.emobench import LANGUAGES
 from moei_lightning.eval.emotion_prompt import check_stimuli
+from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, questions_version, results_file
 from moei_lightning.eval.harness import Harness, Results
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.report import Report, Table
@@ -54,9 +55,12 @@ class PaperEvaluation(Callback):
         gi: GI JSONL files or folders (records with ``choices``); None uses ``data.gi_test``.
         gi_mmlu_csv: MMLU-style CSV files (question, A, B, C, D, answer) by GI dimension, e.g.
             ``{knowledge: [mmlu/high_school_geography_test.csv]}``.
-        eqbench_questions: The EQ-Bench v2 questions file (``eq_bench_v2_questions_171.json``).
-        eqbench_max_new_tokens: Reply length for EQ-Bench: room for the first pass, the critique and
-            the revised scores.
+        eqbench_questions: The EQ-Bench questions file (``eq_bench_v2_questions_171.json``; a v1
+            60-question file is scored as v1).
+        eqbench_mode: ``no_revise`` (one set of scores; the reference harness's default since v2.1)
+            or ``revise`` (first pass, critique, revised scores).
+        eqbench_max_new_tokens: Reply length for EQ-Bench; revise mode needs room for the first pass,
+            the critique and the revised scores.
         emobench_dir: Folder holding EmoBench's ``EU.jsonl`` and ``EA.jsonl``.
         emobench_languages: EmoBench languages to ask: ``en``, ``zh`` or both.
         emotion_prompt_stimuli: Stimulus id -> sentence, appended to every GI prompt by the
@@ -74,6 +78,7 @@ class PaperEvaluation(Callback):
         gi: Sequence[str] | None = None,
         gi_mmlu_csv: Mapping[str, Sequence[str]] | None = None,
         eqbench_questions: str | None = None,
+        eqbench_mode: str = DEFAULT_MODE,
         eqbench_max_new_tokens: int = 1024,
         emobench_dir: str | None = None,
         emobench_languages: Sequence[str] = LANGUAGES,
@@ -96,6 +101,9 @@ class PaperEvaluation(Callback):
         ):
             if suite in self.names and not value:
                 raise DataError(f"config key eval.{key}: the {suite} suite is in eval.suites but {key} is not set")
+        if eqbench_mode not in MODES:
+            raise DataError(f"config key eval.eqbench_mode: {eqbench_mode!r} is not one of {list(MODES)}")
+        self.eqbench_mode = eqbench_mode
         self.stimuli = check_stimuli(emotion_prompt_stimuli or {})
         if "emotion_prompt" in self.names and not self.stimuli:
             raise DataError(
@@ -155,7 +163,9 @@ class PaperEvaluation(Callback):
         )
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             progress = SuiteProgress(trainer, len(self.names))
-            results = harness.run(self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens, progress)
+            results = harness.run(
+                self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens, self.eqbench_mode, progress
+            )
         if not trainer.is_global_zero:
             return
         config = self.run_config(trainer, pl_module)
@@ -193,6 +203,7 @@ class PaperEvaluation(Callback):
                 "gi": self._paths(self.gi, "gi", data, "gi_test")[0],
                 "gi_mmlu_csv": self.gi_mmlu_csv,
                 "eqbench_questions": self.eqbench_questions,
+                "eqbench_mode": self.eqbench_mode,
                 "eqbench_max_new_tokens": self.eqbench_max_new_tokens,
                 "emobench_dir": self.emobench_dir,
                 "emobench_languages": self.emobench_languages,
@@ -247,7 +258,11 @@ def write_outputs(results: Results, run_dir: Path) -> None:
                 }
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     if results.eqbench is not None:
-        replies = json.dumps(results.eqbench.replies, indent=2, ensure_ascii=False)
+        outcome = results.eqbench
+        content = results_file(
+            outcome.replies, outcome.result.mode, questions_version(outcome.questions.questions), outcome.attempts
+        )
+        replies = json.dumps(content, indent=2, ensure_ascii=False)
         (run_dir / "eqbench_replies.json").write_text(replies + "\n", encoding="utf-8")
 
 

@@ -19,7 +19,16 @@ from torch import nn
 from moei_lightning.data import EiRecord, Encoder, Example
 from moei_lightning.eval.distributed import Gather, all_gather, sharded_map
 from moei_lightning.eval.emotion_prompt import probe_items
-from moei_lightning.eval.eqbench import EqBenchResult, score_responses
+from moei_lightning.eval.eqbench import (
+    EqBenchResult,
+    Mode,
+    accepted,
+    attempt_temperatures,
+    partial,
+    question_prompt,
+    questions_version,
+    score_responses,
+)
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.scoring import (
     ChoiceScores,
@@ -60,11 +69,12 @@ class OpenOutcome:
 
 @dataclass
 class EqBenchOutcome:
-    """The questions asked, the raw replies by question id, and their score."""
+    """The questions asked, the kept reply by question id, how many attempts each took, and the score."""
 
     questions: EqBenchQuestions
     replies: dict[str, str]
     result: EqBenchResult
+    attempts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +129,7 @@ class Harness:
         inputs: SuiteInputs,
         max_new_tokens: int,
         eqbench_max_new_tokens: int,
+        eqbench_mode: Mode = "no_revise",
         progress: SuiteProgress | None = None,
     ) -> Results:
         """Every suite named in ``inputs.names``, in order; ``progress`` hears when each begins."""
@@ -137,7 +148,7 @@ class Harness:
             results.gi = self.choices(inputs.gi, "gi", results)
         if "eqbench" in inputs.names and inputs.eqbench is not None:
             step("eqbench", len(inputs.eqbench.questions))
-            results.eqbench = self.eqbench(inputs.eqbench, eqbench_max_new_tokens)
+            results.eqbench = self.eqbench(inputs.eqbench, eqbench_max_new_tokens, eqbench_mode)
         if "emobench" in inputs.names:
             step("emobench", len(inputs.emobench))
             results.emobench = self.choices(inputs.emobench, "emobench", results)
@@ -163,8 +174,9 @@ class Harness:
         scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
         return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations; ranks step together (``synced_gpus``): a sharded model needs all at each step."""
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
+        """Greedy (or sampled) continuations; ranks step together (``synced_gpus``): a sharded model needs
+        all at each step."""
 
         def run(shard: list[str]) -> list[str]:
             # FSDP2: generate() on an encoder-decoder calls the encoder outside the root's forward, so the
@@ -178,16 +190,43 @@ class Harness:
                     max_new_tokens,
                     self.batch_size,
                     synced_gpus=self.world_size > 1 and dist.is_initialized(),
+                    temperature=temperature,
                 )
 
         return self._map(lambda shard: by_length(run, shard, len), prompts)
 
-    def eqbench(self, questions: EqBenchQuestions, max_new_tokens: int) -> EqBenchOutcome:
-        """Ask every question through the chat template, then score the replies as the reference harness does."""
-        ids = list(questions.questions)
-        prompts = [chat_prompt(self.tokenizer, questions.questions[qid].prompt) for qid in ids]
-        replies = dict(zip(ids, self.generate(prompts, max_new_tokens)))
-        return EqBenchOutcome(questions, replies, score_responses(replies, questions.questions))
+    def eqbench(self, questions: EqBenchQuestions, max_new_tokens: int, mode: Mode = "no_revise") -> EqBenchOutcome:
+        """Ask every question through the chat template as the reference harness does, then score the replies.
+
+        Attempt 1 samples every question at temperature 0.01; each later attempt (up to 3) asks the
+        questions whose reply did not parse again, 0.15 hotter. A question keeps its first parsing reply,
+        else (revise mode) its first reply of which one pass parsed, else its last reply. Every rank sees
+        every reply, so all ranks agree on which questions are asked again.
+        """
+        asked = questions.questions
+        version = questions_version(asked)
+        prompts = {qid: chat_prompt(self.tokenizer, question_prompt(q, mode)) for qid, q in asked.items()}
+        replies: dict[str, str] = {}  # the latest reply of each question
+        kept: dict[str, str] = {}  # the reply that parsed
+        partials: dict[str, str] = {}  # revise mode: the first reply of which one pass parsed
+        attempts: dict[str, int] = {}
+        pending = list(asked)
+        for attempt, temperature in enumerate(attempt_temperatures(), start=1):
+            if not pending:
+                break
+            texts = self.generate([prompts[qid] for qid in pending], max_new_tokens, temperature)
+            retry = []
+            for qid, text in zip(pending, texts):
+                replies[qid], attempts[qid] = text, attempt
+                if accepted(text, asked[qid], mode, version):
+                    kept[qid] = text
+                    continue
+                if partial(text, asked[qid], mode, version):
+                    partials.setdefault(qid, text)
+                retry.append(qid)
+            pending = retry
+        final = {qid: kept.get(qid, partials.get(qid, replies[qid])) for qid in asked}
+        return EqBenchOutcome(questions, final, score_responses(final, asked, mode, version), attempts)
 
     def gates(self, records: list[EiRecord]) -> list[float | None]:
         """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""

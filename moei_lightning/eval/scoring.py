@@ -137,18 +137,23 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int = 16,
     synced_gpus: bool = False,
+    temperature: float | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, in order; ``synced_gpus`` keeps sharded ranks stepping together."""
+    """Continuations of ``prompts``, in order: greedy, or sampled at ``temperature`` (plain temperature
+    sampling, no top-k or top-p cut); ``synced_gpus`` keeps sharded ranks stepping together."""
     device = next(model.parameters()).device
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    if temperature is not None:
+        sampling |= {"top_k": 0, "top_p": 1.0}
     outputs = []
     for start in range(0, len(prompts), batch_size):
         encoded = encode_prompts(tokenizer, prompts[start : start + batch_size], kind).to(device)
         generated = model.generate(
             **encoded,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             synced_gpus=synced_gpus,
+            **sampling,
         )
         if kind == "causal":
             generated = generated[:, encoded["input_ids"].shape[1] :]

@@ -7,8 +7,8 @@ the model sees it formatted exactly like its training data (``data.prompt_templa
   generation. Grouped by aspect (perception, cognition, expression).
 - ``gi``: GI records (EiBench JSONL with ``choices``) and MMLU-style CSV files, by log-likelihood.
   Grouped by dimension (knowledge, reasoning, commonsense, reading).
-- ``eqbench``: EQ-Bench v2 questions, answered by greedy generation and scored by
-  :mod:`moei_lightning.eval.eqbench`.
+- ``eqbench``: EQ-Bench questions (v2, or v1), asked and scored as the reference harness does
+  (:mod:`moei_lightning.eval.eqbench`; ``eval.eqbench_mode``).
 - ``emobench``: EmoBench EU (emotion, cause) and EA items, by log-likelihood. Grouped by category.
 - ``emotion_prompt``: the ``gi`` items again with emotional stimuli appended
   (:mod:`moei_lightning.eval.emotion_prompt`).
@@ -137,7 +137,7 @@ def emobench_items(directory: str, languages: Sequence[str]) -> list[Item]:
 
 
 def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
-    """The v2 questions in file order, the first ``limit`` of them when a limit is set."""
+    """The questions in file order, the first ``limit`` of them when a limit is set."""
     _require_file(path, "eval.eqbench_questions")
     try:
         questions = load_questions(path)
