@@ -119,7 +119,7 @@ def test_report_files_hold_the_same_numbers(tmp_path: Path) -> None:
     markdown = md_path.read_text(encoding="utf-8")
     assert "checkpoint: runs/x/last.ckpt" in markdown
     assert "| EI | perception | 75.00 | 3 | mean of 2 choice tasks (accuracy) |" in markdown
-    assert "1 of 2 parseable" in markdown and "of 171 questions" in markdown
+    assert "5 of 6 parseable" in markdown and "of 171 questions" in markdown
     assert "eval.limit=20" in markdown
     for title in ("## Summary", "## EiBench (EI) tasks", "## GI tasks", "## EQ-Bench v2", "## EmoBench", "## Notes"):
         assert title in markdown
