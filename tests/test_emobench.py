@@ -1,29 +1,35 @@
-"""EmoBench loader: every line of both files and both languages becomes items with valid answers."""
+"""EmoBench: items, the reference protocol (prompts, reply parsing, joint EU scoring, per-language rows)."""
 
 import collections
 import json
 
 import pytest
 
-from moei_lightning.eval.emobench import load_emobench
-from moei_lightning.eval.items import ChoiceItem
+from moei_lightning.eval.emobench import (
+    OVERALL,
+    EmoBenchOutcome,
+    accuracy_rows,
+    load_emobench,
+    loglikelihood_questions,
+    parse_reply,
+    system_prompt,
+    user_prompt,
+)
 
 
 def count_lines(path):
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def test_all_lines_become_items(shared_data):
+def test_every_line_becomes_one_item(shared_data):
     folder = shared_data / "emobench"
     assert count_lines(folder / "EU.jsonl") == 400
     assert count_lines(folder / "EA.jsonl") == 400
     items = load_emobench(folder)
     counts = collections.Counter((item.task, item.language) for item in items)
-    assert counts == {(task, lang): 200 for task in ("EU-emotion", "EU-cause", "EA") for lang in ("en", "zh")}
-    assert sum(item.task.startswith("EU") for item in items) == 800
-    assert sum(item.task == "EA" for item in items) == 400
+    assert counts == {(task, lang): 200 for task in ("EU", "EA") for lang in ("en", "zh")}
     assert len({item.id for item in items}) == len(items)
-    assert {item.suite for item in items} == {"emobench"}
+    assert {len(item.questions) for item in items if item.task == "EU"} == {2}
 
 
 def test_labels_resolve_to_the_source_labels(shared_data):
@@ -31,33 +37,29 @@ def test_labels_resolve_to_the_source_labels(shared_data):
     items = {item.id: item for item in load_emobench(folder)}
     for line in (folder / "EU.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        emotion = items[f"emobench/EU-emotion/{record['language']}/{record['qid']}"]
-        cause = items[f"emobench/EU-cause/{record['language']}/{record['qid']}"]
-        assert emotion.choices[emotion.answer_index] == record["emotion_label"]
-        assert cause.choices[cause.answer_index] == record["cause_label"]
-        assert emotion.category == record["coarse_category"]
-        assert record["scenario"] in emotion.prompt_input
+        item = items[f"emobench/EU/{record['language']}/{record['qid']}"]
+        emotion, cause = item.questions
+        assert emotion.choices[emotion.answer] == record["emotion_label"]
+        assert cause.choices[cause.answer] == record["cause_label"]
+        assert item.category == record["coarse_category"]
     for line in (folder / "EA.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         item = items[f"emobench/EA/{record['language']}/{record['qid']}"]
-        assert item.choices[item.answer_index] == record["label"]
+        assert item.questions[0].choices[item.questions[0].answer] == record["label"]
         assert item.category == record["category"]
 
 
-def test_chinese_text_is_preserved(shared_data):
-    folder = shared_data / "emobench"
-    first_zh = next(
-        json.loads(line)
-        for line in (folder / "EA.jsonl").read_text(encoding="utf-8").splitlines()
-        if json.loads(line)["language"] == "zh"
-    )
-    items = load_emobench(folder, languages=("zh",))
-    assert {item.language for item in items} == {"zh"}
-    assert len(items) == 600
-    item = next(i for i in items if i.id == f"emobench/EA/zh/{first_zh['qid']}")
-    assert first_zh["scenario"] in item.prompt_input
-    assert item.choices == first_zh["choices"]
-    assert "问题" in item.prompt_input
+def test_no_question_names_the_gold_emotion(shared_data):
+    """The cause question asks about "these emotions", never the labelled one (it used to, in all 400 prompts)."""
+    for item in load_emobench(shared_data / "emobench"):
+        if item.task != "EU":
+            continue
+        gold = item.questions[0].choices[item.questions[0].answer]
+        prompt = user_prompt(item)
+        choices_at = prompt.index("A) ")
+        assert gold not in prompt[:choices_at].replace(item.scenario, ""), item.id
+        cause = loglikelihood_questions(item)[1]
+        assert gold not in cause.prompt_input.replace(item.scenario, ""), item.id
 
 
 def write_jsonl(path, records):
@@ -88,27 +90,66 @@ EA_LINE = {
 }
 
 
-def test_small_folder(tmp_path):
+def test_reference_prompts(tmp_path):
     write_jsonl(tmp_path / "EU.jsonl", [EU_LINE])
     write_jsonl(tmp_path / "EA.jsonl", [EA_LINE])
-    emotion, cause, action = load_emobench(tmp_path)
-    assert emotion == ChoiceItem(
-        id="emobench/EU-emotion/en/1",
-        suite="emobench",
-        task="EU-emotion",
-        category="complex_emotions",
-        language="en",
-        prompt_instruction=emotion.prompt_instruction,
-        prompt_input=(
-            "Scenario: Ann lost her keys.\nQuestion: What emotion would Ann ultimately feel in this situation?"
-        ),
-        choices=["Joy", "Worry"],
-        answer_index=1,
+    eu, ea = load_emobench(tmp_path)
+    assert user_prompt(eu) == (
+        "## Scenario\nAnn lost her keys.\n\n## Question 1\nWhat emotion(s) would Ann ultimately feel in this "
+        "situation?\n\n## Choices for Question 1\nA) Joy\nB) Worry\n\n## Question 2\nWhy would Ann feel these "
+        "emotions in this situation?\n\n## Choices for Question 2\nA) She is late\nB) She found them\n"
     )
-    assert "Worry" in cause.prompt_input
-    assert cause.answer_index == 0
-    assert action.prompt_input == "情景：小明迟到了。\n问题：在这种情况下，小明最有效的回应是什么？"
-    assert load_emobench(tmp_path, languages=("en",)) == [emotion, cause]
+    # The question type is inserted as the data gives it, in both languages, as the reference does.
+    assert user_prompt(ea) == (
+        "## 场景\n小明迟到了。\n\n## 问题\n在这个场景中，小明最有效的Response是什么？\n\n## 选项\nA) 道歉\nB) 沉默\n"
+    )
+    system = system_prompt("EU", "en")
+    assert system.startswith("# Instructions\n\nIn this task, you are presented with a scenario")
+    assert '"answer_q1": "<Respond to the Question 1 with the corresponding letter numbering>",' in system
+    assert system.rstrip().endswith("```")
+    assert '"answer": "<用相应的字母进行回答>"' in system_prompt("EA", "zh")
+    assert load_emobench(tmp_path, languages=("en",)) == [eu]
+
+
+@pytest.mark.parametrize(
+    ("reply", "task", "letters"),
+    [
+        ('```json\n{"answer_q1": "B", "answer_q2": "A"}\n```', "EU", ["B", "A"]),
+        ('Sure!\n```json\n{"answer": "C"}\n``` hope it helps', "EA", ["C"]),
+        ('{"answer": "D"}', "EA", ["D"]),
+        ('The answer is {"answer": "D"}', "EA", [""]),  # not JSON as a whole, no fence: nothing
+        ('{"answer_q1": "B"}', "EU", ["B", ""]),
+        ('{"answer": 3}', "EA", [""]),
+        ('["A"]', "EA", [""]),
+        ("```json\n{broken\n```", "EU", ["", ""]),
+        ('{"answer": "A) Joy"}', "EA", ["A) Joy"]),  # kept as given; it is not the letter, so it is wrong
+    ],
+)
+def test_replies_are_parsed_as_the_reference_parses_them(reply, task, letters):
+    assert parse_reply(reply, task) == letters
+
+
+def test_eu_is_right_only_when_both_answers_are_and_rows_are_per_language(tmp_path):
+    lines = [{**EU_LINE, "qid": str(i)} for i in range(1, 5)]
+    lines[3] = {**lines[3], "coarse_category": "emotional_cues"}
+    write_jsonl(tmp_path / "EU.jsonl", lines)
+    write_jsonl(tmp_path / "EA.jsonl", [EA_LINE])
+    *eu, ea = load_emobench(tmp_path)
+    outcomes = [
+        EmoBenchOutcome(eu[0], ["B", "A"]),  # both right
+        EmoBenchOutcome(eu[1], ["B", "B"]),  # cause wrong
+        EmoBenchOutcome(eu[2], ["A", "A"]),  # emotion wrong
+        EmoBenchOutcome(eu[3], ["B", "A"]),
+        EmoBenchOutcome(ea, [""]),  # unparseable: wrong
+    ]
+    assert [o.correct for o in outcomes] == [True, False, False, True, False]
+    assert accuracy_rows(outcomes) == [
+        ("EU", "en", "complex_emotions", 3, pytest.approx(100 / 3)),
+        ("EU", "en", "emotional_cues", 1, 100.0),
+        ("EU", "en", OVERALL, 4, 50.0),
+        ("EA", "zh", "Personal-Self", 1, 0.0),
+        ("EA", "zh", OVERALL, 1, 0.0),
+    ]
 
 
 SECOND = {**EU_LINE, "qid": "2"}
@@ -124,7 +165,7 @@ SECOND = {**EU_LINE, "qid": "2"}
         ({**SECOND, "emotion_choices": ["Joy", "Joy"]}, r"EU.jsonl:2: field 'emotion_choices' repeats"),
         ({k: v for k, v in SECOND.items() if k != "scenario"}, r"EU.jsonl:2: field 'scenario'"),
         ({**SECOND, "language": "fr"}, r"EU.jsonl:2: language 'fr'"),
-        (EU_LINE, r"EU.jsonl:2: item emobench/EU-emotion/en/1 already came from .*EU.jsonl:1"),
+        (EU_LINE, r"EU.jsonl:2: item emobench/EU/en/1 already came from .*EU.jsonl:1"),
     ],
 )
 def test_bad_line_names_file_and_line(tmp_path, second_line, message):

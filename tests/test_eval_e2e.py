@@ -15,7 +15,7 @@ from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.module import MoEIModule
 from tests.conftest import REPO, run_cli
 
-TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emobench_categories", "emotion_prompt"}
+TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emotion_prompt"}
 SUITE_LABELS = {"EI", "GI", "EQ-Bench v2", "EmoBench", "EmotionPrompt"}
 
 

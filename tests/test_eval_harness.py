@@ -9,9 +9,10 @@ import torch
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
 from moei_lightning.eval.distributed import merge, shard, sharded_map
+from moei_lightning.eval.emobench import system_prompt, user_prompt
 from moei_lightning.eval.eqbench import question_prompt
-from moei_lightning.eval.harness import Harness, chat_prompt
-from moei_lightning.eval.suites import SuiteInputs, eibench_items, eqbench_questions, gi_items
+from moei_lightning.eval.harness import Harness, Settings, chat_prompt
+from moei_lightning.eval.suites import SuiteInputs, eibench_items, emobench_items, eqbench_questions, gi_items
 from moei_lightning.module import MoEIModule
 
 STIMULI = {"EP02": "This is very important to my career.", "EP04": "Are you sure?"}
@@ -72,7 +73,7 @@ class ThreadWorld:
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
 def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: str) -> None:
     inputs = small_inputs()
-    single = tiny_harness(preset).run(inputs, max_new_tokens=4, eqbench_max_new_tokens=4)
+    single = tiny_harness(preset).run(inputs, Settings(max_new_tokens=4, eqbench_max_new_tokens=4))
 
     world = ThreadWorld(2)
     harnesses = [tiny_harness(preset, rank=r, world_size=2, gather=world.gather_for(r)) for r in range(2)]
@@ -83,7 +84,7 @@ def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: s
 
     def run(rank: int) -> None:
         try:
-            outputs[rank] = harnesses[rank].run(inputs, max_new_tokens=4, eqbench_max_new_tokens=4)
+            outputs[rank] = harnesses[rank].run(inputs, Settings(max_new_tokens=4, eqbench_max_new_tokens=4))
         except BaseException as err:  # a failing rank must not leave the other waiting silently
             errors.append(err)
             world.barrier.abort()
@@ -172,3 +173,27 @@ def test_eqbench_no_revise_prompt_is_sent(shared_data: Path, monkeypatch) -> Non
     assert len(sent) == 3  # never parses: three attempts
     assert sent[0] == chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], "no_revise"))
     assert outcome.result.mode == "no_revise" and outcome.result.failed
+
+
+def test_emobench_both_protocols_on_a_tiny_model(shared_data: Path, monkeypatch) -> None:
+    items = [i for i in emobench_items(str(shared_data / "emobench"), ["en"]) if i.qid in {"1", "2"}]
+    assert [i.task for i in items] == ["EU", "EU", "EA", "EA"]
+    harness = tiny_harness("tiny-llama")
+    # loglikelihood: one forward per choice of every question; EU needs both questions right.
+    outcomes = harness.emobench(items, "loglikelihood", max_new_tokens=4)
+    assert [len(o.answers) for o in outcomes] == [2, 2, 1, 1]
+    assert all(set(o.answers) <= set("ABCDEF") for o in outcomes)
+    # generate: the reference's system and user prompts through the chat template, the reply parsed.
+    sent: list[str] = []
+
+    def generate(batch: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
+        sent.extend(batch)
+        return ['```json\n{"answer_q1": "A", "answer_q2": "B"}\n```', "no json", '{"answer": "D"}', '{"answer": "A"}']
+
+    monkeypatch.setattr(harness, "generate", generate)
+    outcomes = harness.emobench(items, "generate", max_new_tokens=50)
+    assert sent[0] == chat_prompt(harness.tokenizer, user_prompt(items[0]), system_prompt("EU", "en"))
+    assert "Instructions" in sent[0] and items[0].scenario in sent[0]
+    assert [o.answers for o in outcomes] == [["A", "B"], ["", ""], ["D"], ["A"]]
+    expected = [o.answers == [q.letter for q in o.item.questions] for o in outcomes]
+    assert [o.correct for o in outcomes] == expected

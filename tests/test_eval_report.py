@@ -8,6 +8,8 @@ import pytest
 from moei_lightning.data import EiRecord
 from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.compare import main as compare_main
+from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
+from moei_lightning.eval.emobench import Question as EmoQuestion
 from moei_lightning.eval.eqbench import Question, score_responses
 from moei_lightning.eval.harness import ChoiceOutcome, EqBenchOutcome, OpenOutcome, Results
 from moei_lightning.eval.report import Report, load_report
@@ -35,6 +37,12 @@ def open_outcome(task: str, prediction: str, reference: str) -> OpenOutcome:
     return OpenOutcome(Item("eibench", task, "expression", "en", record, answer=None), prediction)
 
 
+def emobench_outcome(task: str, category: str, language: str, correct: bool) -> EmoBenchOutcome:
+    questions = (EmoQuestion(("x", "y"), 1),) * (2 if task == "EU" else 1)
+    item = EmoBenchItem(f"{task}-{id(object())}", task, language, category, "1", "s", "Ann", questions)
+    return EmoBenchOutcome(item, ["B" if correct else "A"] * len(questions))
+
+
 def eqbench_outcome(parseable: int = 5) -> EqBenchOutcome:
     """Six questions, ``parseable`` of them answered perfectly (5 of 6 is just above the 83.33 % floor)."""
     questions = {str(i): Question(id=str(i), prompt="p", reference=REFERENCE) for i in range(1, 7)}
@@ -60,9 +68,10 @@ def make_results(gates: bool = True) -> Results:
         gi=gi,
         eqbench=eqbench_outcome(),
         emobench=[
-            choice("emobench", "EU-emotion", "complex", True, "en"),
-            choice("emobench", "EU-emotion", "complex", False, "zh"),
-            choice("emobench", "EA", "Social-Self", True, "en"),
+            emobench_outcome("EU", "complex", "en", True),
+            emobench_outcome("EU", "complex", "en", False),
+            emobench_outcome("EU", "complex", "zh", False),
+            emobench_outcome("EA", "Social-Self", "en", True),
         ],
         emotion_prompt=probe,
     )
@@ -79,23 +88,23 @@ def test_summary_numbers() -> None:
     assert scores["GI/average"] == pytest.approx(37.5)
     assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the parseable replies are perfect
     assert scores["EQ-Bench v2/parseable"] == 5
-    assert scores["EmoBench/EU-emotion"] == pytest.approx(50.0)
-    assert scores["EmoBench/EA"] == pytest.approx(100.0)
-    assert scores["EmoBench/average"] == pytest.approx(75.0)
+    assert scores["EmoBench/EU en"] == pytest.approx(50.0)
+    assert scores["EmoBench/EU zh"] == pytest.approx(0.0)
+    assert scores["EmoBench/EA en"] == pytest.approx(100.0)
+    assert "EmoBench/average" not in scores  # the reference reports no pooled average
     assert scores["EmotionPrompt/GI accuracy (plain)"] == pytest.approx(50.0)  # 3 of 6 GI items
     assert scores["EmotionPrompt/GI accuracy (stimuli)"] == pytest.approx(0.0)
     assert scores["EmotionPrompt/GI accuracy change"] == pytest.approx(-50.0)
     assert scores["EmotionPrompt/inter gate (plain)"] == pytest.approx(0.2)
     assert scores["EmotionPrompt/inter gate change"] == pytest.approx(0.4)
     counts = {f"{row[0]}/{row[1]}": row[3] for row in report.summary.rows}
-    assert counts["EI/perception"] == 3 and counts["GI/average"] == 6 and counts["EmoBench/average"] == 3
+    assert counts["EI/perception"] == 3 and counts["GI/average"] == 6 and counts["EmoBench/EU en"] == 2
     assert set(report.tables) == {
         "eibench",
         "eibench_aspects",
         "gi",
         "eqbench",
         "emobench",
-        "emobench_categories",
         "emotion_prompt",
     }
     assert any("1 of 6 replies could not be parsed" in note for note in report.notes)

@@ -98,12 +98,10 @@ def test_real_benchmarks_load_with_limits(shared_data: Path) -> None:
     questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 5)
     assert questions.available == 171 and list(questions.questions) == ["1", "2", "3", "4", "5"]
     items = emobench_items(str(shared_data / "emobench"), ["en", "zh"])
-    assert len(items) == 1200
+    assert len(items) == 800
     limited = limit_items(items, 3)
-    assert len(limited) == 3 * 3 * 2  # three tasks, two languages
-    assert {(i.task, i.language) for i in limited} == {
-        (t, lang) for t in ("EU-emotion", "EU-cause", "EA") for lang in ("en", "zh")
-    }
+    assert len(limited) == 3 * 2 * 2  # two tasks, two languages
+    assert {(i.task, i.language) for i in limited} == {(t, lang) for t in ("EU", "EA") for lang in ("en", "zh")}
     assert limit_items(items, None) is items
 
 

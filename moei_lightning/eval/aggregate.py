@@ -8,7 +8,8 @@ How each number is made (docs/evaluation.md says the same for users):
 - A task's score is its accuracy (choice tasks) or its ROUGE-L (open tasks). An EI aspect or a GI
   dimension scores the mean of its tasks' scores, so one large task does not drown the others; ``n``
   counts items. The EI and GI averages are means over the aspects or dimensions present.
-- EmoBench: accuracy per task over the configured languages; its average is the mean over tasks.
+- EmoBench: accuracy per task, language and category and Overall per language, as its reference
+  reports it (EU right only when emotion and cause both are); no pooled average.
 - EQ-Bench: the benchmark's own 0-100 score, rounded to 2 decimals as the reference harness rounds it;
   unparseable replies are counted, never dropped; under 83.33 % parseable the run has failed (no score).
 - EmotionPrompt: GI accuracy under each stimulus and its mean over stimuli, minus the plain accuracy
@@ -21,11 +22,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS
+from moei_lightning.eval.emobench import OVERALL, EmoBenchOutcome
+from moei_lightning.eval.emobench import accuracy_rows as emobench_accuracy_rows
 from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome, Results
 from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
 from moei_lightning.eval.text_metrics import score_generations
 
-EMOBENCH_TASKS = ("EU-emotion", "EU-cause", "EA")
 _SOURCES = {"eibench": "EiBench JSONL", "gi": "GI JSONL", "mmlu": "MMLU CSV", "emobench": "EmoBench"}
 _NO_ADAPTERS = "no adapters to route to (model.adapter: full)"
 _NO_INTER_GATE = "no inter gate (model.adapter: lora or molora.inter: none): adapters on every token, gate 1"
@@ -57,7 +59,7 @@ def build_report(
     if "eqbench" in names and results.eqbench is not None:
         _eqbench(results, report)
     if "emobench" in names:
-        _emobench(results.emobench, report)
+        _emobench(results.emobench, results.emobench_protocol, report)
     if "emotion_prompt" in names:
         _emotion_prompt(results.gi, results.emotion_prompt, stimuli, _gate_note(config), report)
     max_length = config.get("data", {}).get("max_length") if isinstance(config.get("data"), dict) else None
@@ -219,44 +221,23 @@ def _eqbench(results: Results, report: Report) -> None:
         )
 
 
-def _emobench(outcomes: list[ChoiceOutcome], report: Report) -> None:
-    by_task: dict[str, list[ChoiceOutcome]] = defaultdict(list)
-    by_language: dict[tuple[str, str], list[ChoiceOutcome]] = defaultdict(list)
-    by_category: dict[tuple[str, str, str], list[ChoiceOutcome]] = defaultdict(list)
-    for outcome in outcomes:
-        item = outcome.item
-        by_task[item.task].append(outcome)
-        by_language[(item.task, item.language)].append(outcome)
-        by_category[(item.task, item.group, item.language)].append(outcome)
-    tasks = [t for t in EMOBENCH_TASKS if t in by_task]
-    rows = []
-    for task in tasks:
-        for language in sorted(lang for t, lang in by_language if t == task):
-            group = by_language[(task, language)]
-            rows.append([task, language, len(group), accuracy(group)])
-        rows.append([task, "all", len(by_task[task]), accuracy(by_task[task])])
+def _emobench(outcomes: list[EmoBenchOutcome], protocol: str, report: Report) -> None:
+    rows = emobench_accuracy_rows(outcomes)
+    how = (
+        "letter answers parsed from greedy replies to the reference prompts (unparseable = wrong)"
+        if protocol == "generate"
+        else "each question by log-likelihood (acc_norm), not the published protocol"
+    )
     report.tables["emobench"] = Table(
         "EmoBench",
-        ["task", "language", "n", "accuracy"],
-        rows,
-        note="EU: the emotion felt and its cause; EA: the most effective action or response; acc_norm.",
+        ["task", "language", "category", "n", "accuracy"],
+        [list(row) for row in rows],
+        note=f"As the reference reports it: per language, per category and Overall; EU is right only when "
+        f"emotion and cause both are. Protocol {protocol}: {how}.",
     )
-    report.tables["emobench_categories"] = Table(
-        "EmoBench by category",
-        ["task", "category", "language", "n", "accuracy"],
-        [
-            [task, category, lang, len(group), accuracy(group)]
-            for (task, category, lang), group in sorted(
-                by_category.items(), key=lambda kv: (EMOBENCH_TASKS.index(kv[0][0]), kv[0][1], kv[0][2])
-            )
-        ],
-    )
-    for task in tasks:
-        languages = "+".join(sorted({o.item.language for o in by_task[task]}))
-        report.summary.rows.append(["EmoBench", task, accuracy(by_task[task]), len(by_task[task]), languages])
-    report.summary.rows.append(
-        ["EmoBench", "average", mean(accuracy(by_task[t]) for t in tasks), len(outcomes), f"mean of {len(tasks)} tasks"]
-    )
+    for task, language, category, n, acc in rows:
+        if category == OVERALL:
+            report.summary.rows.append(["EmoBench", f"{task} {language}", acc, n, f"Overall, {protocol}"])
 
 
 def _emotion_prompt(

@@ -25,11 +25,12 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from moei_lightning.data import DataError, Encoder
+from moei_lightning.eval import emobench
 from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.emobench import LANGUAGES
 from moei_lightning.eval.emotion_prompt import check_stimuli
 from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, questions_version, results_file
-from moei_lightning.eval.harness import Harness, Results
+from moei_lightning.eval.harness import Harness, Results, Settings
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.report import Report, Table
 from moei_lightning.eval.suites import (
@@ -63,6 +64,10 @@ class PaperEvaluation(Callback):
             the critique and the revised scores.
         emobench_dir: Folder holding EmoBench's ``EU.jsonl`` and ``EA.jsonl``.
         emobench_languages: EmoBench languages to ask: ``en``, ``zh`` or both.
+        emobench_protocol: ``generate`` (the published protocol: the reference's prompts, letter answers
+            parsed from the reply, an unparseable reply wrong) or ``loglikelihood`` (each question as
+            multiple choice by log-likelihood).
+        emobench_max_new_tokens: Reply length for the ``generate`` protocol (the reference's 50).
         emotion_prompt_stimuli: Stimulus id -> sentence, appended to every GI prompt by the
             ``emotion_prompt`` suite (Li et al. 2023; ``conf/eval/paper.yaml`` lists EP01-EP11).
         limit: For quick runs: ask only the first N items of each task (per language) and the first N
@@ -82,6 +87,8 @@ class PaperEvaluation(Callback):
         eqbench_max_new_tokens: int = 1024,
         emobench_dir: str | None = None,
         emobench_languages: Sequence[str] = LANGUAGES,
+        emobench_protocol: str = emobench.DEFAULT_PROTOCOL,
+        emobench_max_new_tokens: int = emobench.MAX_NEW_TOKENS,
         emotion_prompt_stimuli: Mapping[str, str] | None = None,
         limit: int | None = None,
     ) -> None:
@@ -91,6 +98,7 @@ class PaperEvaluation(Callback):
             ("batch_size", batch_size, batch_size >= 1),
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
             ("eqbench_max_new_tokens", eqbench_max_new_tokens, eqbench_max_new_tokens >= 1),
+            ("emobench_max_new_tokens", emobench_max_new_tokens, emobench_max_new_tokens >= 1),
             ("limit", limit, limit is None or limit >= 1),
         ):
             if not ok:
@@ -103,7 +111,12 @@ class PaperEvaluation(Callback):
                 raise DataError(f"config key eval.{key}: the {suite} suite is in eval.suites but {key} is not set")
         if eqbench_mode not in MODES:
             raise DataError(f"config key eval.eqbench_mode: {eqbench_mode!r} is not one of {list(MODES)}")
+        if emobench_protocol not in emobench.PROTOCOLS:
+            raise DataError(
+                f"config key eval.emobench_protocol: {emobench_protocol!r} is not one of {list(emobench.PROTOCOLS)}"
+            )
         self.eqbench_mode = eqbench_mode
+        self.emobench_protocol, self.emobench_max_new_tokens = emobench_protocol, emobench_max_new_tokens
         self.stimuli = check_stimuli(emotion_prompt_stimuli or {})
         if "emotion_prompt" in self.names and not self.stimuli:
             raise DataError(
@@ -119,6 +132,16 @@ class PaperEvaluation(Callback):
         self.limit = limit
         self.inputs: SuiteInputs | None = None
         self.report: Report | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(
+            self.max_new_tokens,
+            self.eqbench_max_new_tokens,
+            self.eqbench_mode,
+            self.emobench_protocol,
+            self.emobench_max_new_tokens,
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Read and check every input file now, before the test loop spends any time."""
@@ -163,9 +186,7 @@ class PaperEvaluation(Callback):
         )
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             progress = SuiteProgress(trainer, len(self.names))
-            results = harness.run(
-                self.inputs, self.max_new_tokens, self.eqbench_max_new_tokens, self.eqbench_mode, progress
-            )
+            results = harness.run(self.inputs, self.settings, progress)
         if not trainer.is_global_zero:
             return
         config = self.run_config(trainer, pl_module)
@@ -207,6 +228,8 @@ class PaperEvaluation(Callback):
                 "eqbench_max_new_tokens": self.eqbench_max_new_tokens,
                 "emobench_dir": self.emobench_dir,
                 "emobench_languages": self.emobench_languages,
+                "emobench_protocol": self.emobench_protocol,
+                "emobench_max_new_tokens": self.emobench_max_new_tokens,
                 "emotion_prompt_stimuli": list(self.stimuli),
                 "limit": self.limit,
             },
@@ -244,7 +267,8 @@ def root_parameters_gathered(model: nn.Module) -> AbstractContextManager:
 
 
 def write_outputs(results: Results, run_dir: Path) -> None:
-    """The raw model outputs beside the report: open-task generations and EQ-Bench replies (re-scorable)."""
+    """The raw model outputs beside the report: open-task generations, EmoBench replies with their parsed
+    letters, and EQ-Bench replies (re-scorable)."""
     if results.eibench_open:
         with open(run_dir / "generations.jsonl", "w", encoding="utf-8") as f:
             for outcome in results.eibench_open:
@@ -255,6 +279,20 @@ def write_outputs(results: Results, run_dir: Path) -> None:
                     "aspect": record.aspect,
                     "prediction": outcome.prediction,
                     "reference": record.output,
+                }
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    if results.emobench and results.emobench_protocol == "generate":
+        with open(run_dir / "emobench_replies.jsonl", "w", encoding="utf-8") as f:
+            for o in results.emobench:
+                line = {
+                    "id": o.item.id,
+                    "task": o.item.task,
+                    "lang": o.item.language,
+                    "category": o.item.category,
+                    "labels": [q.letter for q in o.item.questions],
+                    "answers": o.answers,
+                    "correct": o.correct,
+                    "reply": o.reply,
                 }
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     if results.eqbench is not None:

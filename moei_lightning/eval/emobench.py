@@ -1,44 +1,139 @@
-"""EmoBench (Sabour et al. 2024) as multiple-choice items.
+"""EmoBench (Sabour et al. 2024), asked and scored by the protocol of its reference code (Sahandfer/EmoBench).
 
-Emotional understanding (EU.jsonl) asks two questions per scenario, so each line gives two items:
-which emotion the subject feels (`EU-emotion`) and why they feel the labelled emotion
-(`EU-cause`). Emotional application (EA.jsonl) gives one item per line: the most effective
-action or response (`EA`). Every line of the requested languages becomes items; a line that
-cannot be read is an error naming file:line.
+- **Items.** One item per line: an EU (emotional understanding) scenario asks two questions at once,
+  which emotion the subject feels and why, and an EA (emotional application) scenario one, the most
+  effective action or response. Neither question names the answer of the other.
+- **Protocol ``generate``** (the default, as published): the reference's system prompt (task
+  instructions and the JSON answer format) and user prompt (scenario, questions, choices lettered
+  ``A) ...``), through the chat template; the reply is parsed as the reference parses it: the JSON
+  inside a ```json fence, else the whole reply as JSON; ``answer_q1``/``answer_q2`` (EU) or ``answer``
+  (EA) must equal the gold letter. A reply that does not parse answers nothing, which is wrong.
+- **Protocol ``loglikelihood``** (a named option, not the published protocol): each question is a
+  multiple-choice record scored by log-likelihood (acc_norm), the EU questions asked apart, the
+  cause question without naming any emotion.
+- **Scoring.** An EU scenario is right only when both its answers are; accuracy per language, per
+  category (EU: coarse category; EA: category) and over the language (``Overall``), as the
+  reference reports it; languages are never pooled. Percent here, where the reference prints 0-1.
+
+Every line that cannot be read is an error naming file:line.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import string
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from moei_lightning.eval.items import ChoiceItem
 
 SUITE = "emobench"
 LANGUAGES = ("en", "zh")
+TASKS = ("EU", "EA")
+PROTOCOLS = ("generate", "loglikelihood")
+DEFAULT_PROTOCOL = "generate"
+MAX_NEW_TOKENS = 50  # the reference's generation length for Hugging Face models without chain of thought
+OVERALL = "Overall"
+LETTERS = string.ascii_uppercase
 
-_INSTRUCTION = {
+# The reference's prompts (src/configs/prompts.yaml, response.yaml at commit 3b4f843), as rendered.
+_SYSTEM = {
+    "en": "# Instructions\n\nIn this task, you are presented with a scenario, a question, and multiple choices. \n"
+    "Carefully analyze the scenario and take the perspective of the individual involved.\n"
+    "Then, select the option that best reflects their perspective or emotional response.\n\n# Output\n",
+    "zh": "# 说明\n在这个任务中，你会面临一个场景、一个问题和多个选项。\n仔细分析场景，并从相关人员的角度进行思考。\n"
+    "然后，选择最能反映他们的观点或情绪反应的选项。\n\n# 输出\n",
+}
+_STATEMENT = {
+    "en": "Provide only one single correct answer to this question.  Do not provide any additional information "
+    "or explanations. The response should be in the following JSON format:\n",
+    "zh": "只提供一个正确的答案。 不要提供任何额外的信息或解释。 回复应采用以下JSON格式：\n",
+}
+_CONDITIONS = {
+    ("EU", "en"): '"answer_q1": "<Respond to the Question 1 with the corresponding letter numbering>",\n'
+    '"answer_q2": "<Respond to the Question 2 with the corresponding letter numbering>"\n',
+    ("EU", "zh"): '"answer_q1": "<用相应的字母进行回答问题1>",\n"answer_q2": "<用相应的字母进行回答问题2>"\n',
+    ("EA", "en"): '"answer": "<Respond with the corresponding letter numbering>"\n',
+    ("EA", "zh"): '"answer": "<用相应的字母进行回答>"\n',
+}
+_FORMAT = "\n{statement}\n```json\n    {{\n    {conditions}\n    }}\n``` \n    "
+_USER = {
+    ("EU", "en"): "## Scenario\n{scenario}\n\n## Question 1\nWhat emotion(s) would {subject} ultimately feel in this "
+    "situation?\n\n## Choices for Question 1\n{emo_choices}\n\n## Question 2\nWhy would {subject} feel these "
+    "emotions in this situation?\n\n## Choices for Question 2\n{cause_choices}\n",
+    (
+        "EU",
+        "zh",
+    ): "## 场景\n{scenario}\n\n## 问题 1\n在这种情况下，{subject}最终会感受到什么情绪？\n\n## 问题 1 的选项\n"
+    "{emo_choices}\n\n## 问题 2\n{subject}为什么会在这种情况下感受到这些情绪？\n\n## 问题 2 的选项\n{cause_choices}\n",
+    ("EA", "en"): "## Scenario\n{scenario}\n\n## Question \nIn this scenario, what is the most effective {q_type} "
+    "for {subject}?\n\n## Choices\n{choices}\n",
+    (
+        "EA",
+        "zh",
+    ): "## 场景\n{scenario}\n\n## 问题\n在这个场景中，{subject}最有效的{q_type}是什么？\n\n## 选项\n{choices}\n",
+}
+_ANSWER_KEYS = {"EU": ("answer_q1", "answer_q2"), "EA": ("answer",)}
+_FENCE = re.compile(r"```json\s*([\s\S]*?)```", re.DOTALL)
+
+# The log-likelihood option asks each question apart, so each needs its own wording.
+_LL_INSTRUCTION = {
     "en": "Read the scenario and answer the question with the single best choice.",
     "zh": "阅读下面的情景，并选出最恰当的一个选项回答问题。",
 }
-_EMOTION_QUESTION = {
-    "en": "What emotion would {subject} ultimately feel in this situation?",
-    "zh": "在这种情况下，{subject}最终会感受到什么情绪？",
+_LL_QUESTIONS = {
+    ("EU", "en"): (
+        "What emotion(s) would {subject} ultimately feel in this situation?",
+        "Why would {subject} feel these emotions in this situation?",
+    ),
+    ("EU", "zh"): ("在这种情况下，{subject}最终会感受到什么情绪？", "{subject}为什么会在这种情况下感受到这些情绪？"),
+    ("EA", "en"): ("In this scenario, what is the most effective {q_type} for {subject}?",),
+    ("EA", "zh"): ("在这个场景中，{subject}最有效的{q_type}是什么？",),
 }
-_CAUSE_QUESTION = {
-    "en": "Why would {subject} feel {emotion} in this situation?",
-    "zh": "在这种情况下，{subject}为什么会感到{emotion}？",
-}
-_EA_QUESTION = {
-    "en": "In this scenario, what is the most effective {kind} for {subject}?",
-    "zh": "在这种情况下，{subject}最有效的{kind}是什么？",
-}
-_EA_KIND = {
-    "en": {"Action": "action", "Response": "response"},
-    "zh": {"Action": "行动", "Response": "回应"},
-}
-_SCENARIO = {"en": "Scenario: {scenario}\nQuestion: {question}", "zh": "情景：{scenario}\n问题：{question}"}
+_LL_LAYOUT = {"en": "Scenario: {scenario}\nQuestion: {question}", "zh": "场景：{scenario}\n问题：{question}"}
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of an item: its choices and the index of the gold one."""
+
+    choices: tuple[str, ...]
+    answer: int
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.answer]
+
+
+@dataclass(frozen=True)
+class EmoBenchItem:
+    """One EmoBench line: ``task`` ``EU`` (two questions: emotion, cause) or ``EA`` (one)."""
+
+    id: str
+    task: str
+    language: str
+    category: str
+    qid: str
+    scenario: str
+    subject: str
+    questions: tuple[Question, ...]
+    question_type: str = ""
+
+
+@dataclass
+class EmoBenchOutcome:
+    """An item with the model's answer letter per question ("" for none) and, when generated, its reply."""
+
+    item: EmoBenchItem
+    answers: list[str]
+    reply: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        """Right only when every question is (EU: emotion and cause, as the reference scores it)."""
+        return all(a == q.letter for a, q in zip(self.answers, self.item.questions, strict=True))
 
 
 class _Line:
@@ -57,20 +152,18 @@ class _Line:
             raise self.error(f"field '{key}' must be a non-empty string, got {value!r}")
         return value
 
-    def choices(self, key: str) -> list[str]:
-        value = self.record.get(key)
-        if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
-            raise self.error(f"field '{key}' must be a list of at least two strings, got {value!r}")
-        if len(set(value)) != len(value):
-            raise self.error(f"field '{key}' repeats a choice, so its label would be ambiguous: {value!r}")
-        return value
-
-    def answer(self, choices_key: str, label_key: str) -> tuple[list[str], int]:
-        choices = self.choices(choices_key)
+    def question(self, choices_key: str, label_key: str) -> Question:
+        choices = self.record.get(choices_key)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise self.error(f"field '{choices_key}' must be a list of at least two strings, got {choices!r}")
+        if len(set(choices)) != len(choices):
+            raise self.error(f"field '{choices_key}' repeats a choice, so its label would be ambiguous: {choices!r}")
+        if len(choices) > len(LETTERS):
+            raise self.error(f"field '{choices_key}' has more choices than letters A-Z")
         label = self.text(label_key)
         if label not in choices:
             raise self.error(f"'{label_key}' {label!r} is not one of '{choices_key}' {choices!r}")
-        return choices, choices.index(label)
+        return Question(tuple(choices), choices.index(label))
 
 
 def _lines(path: Path, languages: Sequence[str]) -> Iterator[_Line]:
@@ -93,61 +186,120 @@ def _lines(path: Path, languages: Sequence[str]) -> Iterator[_Line]:
                 yield line
 
 
-def _item(line: _Line, task: str, category: str, question: str, choices_key: str, label_key: str) -> ChoiceItem:
-    language = line.text("language")
-    choices, answer_index = line.answer(choices_key, label_key)
-    return ChoiceItem(
-        id=f"{SUITE}/{task}/{language}/{line.text('qid')}",
-        suite=SUITE,
+def _item(line: _Line, task: str) -> EmoBenchItem:
+    language, qid = line.text("language"), line.text("qid")
+    if task == "EU":
+        category = line.text("coarse_category")
+        questions = (line.question("emotion_choices", "emotion_label"), line.question("cause_choices", "cause_label"))
+        question_type = ""
+    else:
+        category = line.text("category")
+        questions = (line.question("choices", "label"),)
+        question_type = line.text("question type")
+    return EmoBenchItem(
+        id=f"{SUITE}/{task}/{language}/{qid}",
         task=task,
-        category=category,
         language=language,
-        prompt_instruction=_INSTRUCTION[language],
-        prompt_input=_SCENARIO[language].format(scenario=line.text("scenario"), question=question),
-        choices=choices,
-        answer_index=answer_index,
+        category=category,
+        qid=qid,
+        scenario=line.text("scenario"),
+        subject=line.text("subject"),
+        questions=questions,
+        question_type=question_type,
     )
 
 
-def _eu_items(line: _Line) -> list[ChoiceItem]:
-    language = line.text("language")
-    subject = line.text("subject")
-    category = line.text("coarse_category")
-    emotion = _EMOTION_QUESTION[language].format(subject=subject)
-    cause = _CAUSE_QUESTION[language].format(subject=subject, emotion=line.text("emotion_label"))
-    return [
-        _item(line, "EU-emotion", category, emotion, "emotion_choices", "emotion_label"),
-        _item(line, "EU-cause", category, cause, "cause_choices", "cause_label"),
-    ]
-
-
-def _ea_item(line: _Line) -> ChoiceItem:
-    language = line.text("language")
-    kind = line.text("question type")
-    if kind not in _EA_KIND[language]:
-        raise line.error(f"'question type' {kind!r} is not one of {sorted(_EA_KIND[language])}")
-    question = _EA_QUESTION[language].format(subject=line.text("subject"), kind=_EA_KIND[language][kind])
-    return _item(line, "EA", line.text("category"), question, "choices", "label")
-
-
-def load_emobench(directory: str | Path, languages: Sequence[str] = LANGUAGES) -> list[ChoiceItem]:
-    """All EmoBench items of the given languages from EU.jsonl and EA.jsonl in `directory`."""
+def load_emobench(directory: str | Path, languages: Sequence[str] = LANGUAGES) -> list[EmoBenchItem]:
+    """Every item of the given languages from EU.jsonl and EA.jsonl in ``directory``, EU first."""
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown or not languages:
         raise ValueError(f"languages must be a non-empty selection of {LANGUAGES}, got {tuple(languages)}")
     directory = Path(directory)
-    items: list[ChoiceItem] = []
+    items: list[EmoBenchItem] = []
     seen: dict[str, str] = {}
-    for name in ("EU.jsonl", "EA.jsonl"):
-        path = directory / name
+    for task in TASKS:
+        path = directory / f"{task}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: EmoBench file not found; point at the folder holding EU.jsonl and EA.jsonl"
             )
         for line in _lines(path, languages):
-            for item in _eu_items(line) if name == "EU.jsonl" else [_ea_item(line)]:
-                if item.id in seen:
-                    raise line.error(f"item {item.id} already came from {seen[item.id]}; qids must be unique")
-                seen[item.id] = line.where
-                items.append(item)
+            item = _item(line, task)
+            if item.id in seen:
+                raise line.error(f"item {item.id} already came from {seen[item.id]}; qids must be unique")
+            seen[item.id] = line.where
+            items.append(item)
     return items
+
+
+def _lettered(choices: Sequence[str]) -> str:
+    return "\n".join(f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
+
+
+def system_prompt(task: str, language: str) -> str:
+    """The reference's system message: instructions, then the JSON answer format."""
+    statement = _STATEMENT[language]
+    return _SYSTEM[language] + _FORMAT.format(statement=statement, conditions=_CONDITIONS[(task, language)])
+
+
+def user_prompt(item: EmoBenchItem) -> str:
+    """The reference's user message: the scenario, the question(s) and the lettered choices."""
+    template = _USER[(item.task, item.language)]
+    if item.task == "EU":
+        emotion, cause = item.questions
+        return template.format(
+            scenario=item.scenario,
+            subject=item.subject,
+            emo_choices=_lettered(emotion.choices),
+            cause_choices=_lettered(cause.choices),
+        )
+    return template.format(
+        scenario=item.scenario,
+        subject=item.subject,
+        choices=_lettered(item.questions[0].choices),
+        q_type=item.question_type,
+    )
+
+
+def parse_reply(text: str, task: str) -> list[str]:
+    """The answer letters of a reply, parsed as the reference parses it ("" where there is none)."""
+    fenced = _FENCE.search(text) if "```json" in text else None
+    try:
+        parsed = json.loads(fenced.group(1) if fenced else text)
+    except (json.JSONDecodeError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        return [""] * len(_ANSWER_KEYS[task])
+    return [value if isinstance(value := parsed.get(key, ""), str) else "" for key in _ANSWER_KEYS[task]]
+
+
+def loglikelihood_questions(item: EmoBenchItem) -> list[ChoiceItem]:
+    """The ``loglikelihood`` protocol's multiple-choice questions of an item, one per question."""
+    wordings = _LL_QUESTIONS[(item.task, item.language)]
+    return [
+        ChoiceItem(
+            id=f"{item.id}/q{i + 1}",
+            suite=SUITE,
+            task=item.task,
+            category=item.category,
+            language=item.language,
+            prompt_instruction=_LL_INSTRUCTION[item.language],
+            prompt_input=_LL_LAYOUT[item.language].format(
+                scenario=item.scenario, question=wording.format(subject=item.subject, q_type=item.question_type)
+            ),
+            choices=list(question.choices),
+            answer_index=question.answer,
+        )
+        for i, (wording, question) in enumerate(zip(wordings, item.questions, strict=True))
+    ]
+
+
+def accuracy_rows(outcomes: Sequence[EmoBenchOutcome]) -> list[tuple[str, str, str, int, float]]:
+    """``(task, language, category, n, accuracy %)`` per category and ``Overall``, as the reference reports."""
+    groups: dict[tuple[str, str, str], list[bool]] = {}
+    for outcome in outcomes:
+        item = outcome.item
+        groups.setdefault((item.task, item.language, item.category), []).append(outcome.correct)
+        groups.setdefault((item.task, item.language, OVERALL), []).append(outcome.correct)
+    order = sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1], k[2] == OVERALL, k[2]))
+    return [(*key, len(groups[key]), 100.0 * sum(groups[key]) / len(groups[key])) for key in order]

@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m moei_lightning.eval.eqbench",
         description="Score EQ-Bench replies as the reference harness does and print the result as JSON. "
-        "A run with under 83.33%% of its questions parseable is reported with \"failed\": true.",
+        'A run with under 83.33%% of its questions parseable is reported with "failed": true.',
     )
     parser.add_argument(
         "responses",

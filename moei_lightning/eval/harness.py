@@ -17,9 +17,12 @@ import torch.distributed as dist
 from torch import nn
 
 from moei_lightning.data import EiRecord, Encoder, Example
+from moei_lightning.eval import emobench as emobench_suite
 from moei_lightning.eval.distributed import Gather, all_gather, sharded_map
+from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emotion_prompt import probe_items
 from moei_lightning.eval.eqbench import (
+    DEFAULT_MODE,
     EqBenchResult,
     Mode,
     accepted,
@@ -38,7 +41,7 @@ from moei_lightning.eval.scoring import (
     generate_texts,
     group_choices,
 )
-from moei_lightning.eval.suites import EqBenchQuestions, Item, SuiteInputs
+from moei_lightning.eval.suites import EqBenchQuestions, Item, SuiteInputs, from_choice_item
 from moei_lightning.molora import RoutingRecorder
 from moei_lightning.sharding import gathered_root
 
@@ -84,11 +87,23 @@ class Results:
     eibench: list[ChoiceOutcome] = field(default_factory=list)
     eibench_open: list[OpenOutcome] = field(default_factory=list)
     gi: list[ChoiceOutcome] = field(default_factory=list)
-    emobench: list[ChoiceOutcome] = field(default_factory=list)
+    emobench: list[EmoBenchOutcome] = field(default_factory=list)
+    emobench_protocol: str = emobench_suite.DEFAULT_PROTOCOL
     eqbench: EqBenchOutcome | None = None
     emotion_prompt: list[ChoiceOutcome] = field(default_factory=list)
     truncated: Counter[str] = field(default_factory=Counter)
     scored: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the suites ask: generation lengths, the EQ-Bench mode and the EmoBench protocol."""
+
+    max_new_tokens: int = 128
+    eqbench_max_new_tokens: int = 1024
+    eqbench_mode: Mode = DEFAULT_MODE
+    emobench_protocol: str = emobench_suite.DEFAULT_PROTOCOL
+    emobench_max_new_tokens: int = emobench_suite.MAX_NEW_TOKENS
 
 
 class Harness:
@@ -125,14 +140,10 @@ class Harness:
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     def run(
-        self,
-        inputs: SuiteInputs,
-        max_new_tokens: int,
-        eqbench_max_new_tokens: int,
-        eqbench_mode: Mode = "no_revise",
-        progress: SuiteProgress | None = None,
+        self, inputs: SuiteInputs, settings: Settings | None = None, progress: SuiteProgress | None = None
     ) -> Results:
         """Every suite named in ``inputs.names``, in order; ``progress`` hears when each begins."""
+        settings = settings or Settings()
         results = Results()
         step = progress.start if progress is not None else lambda suite, items: None
         if "eibench" in inputs.names:
@@ -141,17 +152,20 @@ class Harness:
             open_items = [item for item in inputs.eibench if item.answer is None]
             results.eibench = self.choices(choice, "eibench", results)
             prompts = [self.encoder.formatter.format(item.record) for item in open_items]
-            predictions = self.generate(prompts, max_new_tokens)
+            predictions = self.generate(prompts, settings.max_new_tokens)
             results.eibench_open = [OpenOutcome(item, text) for item, text in zip(open_items, predictions)]
         if "gi" in inputs.names:
             step("gi", len(inputs.gi))
             results.gi = self.choices(inputs.gi, "gi", results)
         if "eqbench" in inputs.names and inputs.eqbench is not None:
             step("eqbench", len(inputs.eqbench.questions))
-            results.eqbench = self.eqbench(inputs.eqbench, eqbench_max_new_tokens, eqbench_mode)
+            results.eqbench = self.eqbench(inputs.eqbench, settings.eqbench_max_new_tokens, settings.eqbench_mode)
         if "emobench" in inputs.names:
             step("emobench", len(inputs.emobench))
-            results.emobench = self.choices(inputs.emobench, "emobench", results)
+            results.emobench_protocol = settings.emobench_protocol
+            results.emobench = self.emobench(
+                inputs.emobench, settings.emobench_protocol, settings.emobench_max_new_tokens, results
+            )
         if "emotion_prompt" in inputs.names:
             step("emotion_prompt", len(inputs.gi) * (1 + len(inputs.stimuli)))
             for outcome, gate in zip(results.gi, self.gates([o.item.record for o in results.gi])):
@@ -228,6 +242,31 @@ class Harness:
         final = {qid: kept.get(qid, partials.get(qid, replies[qid])) for qid in asked}
         return EqBenchOutcome(questions, final, score_responses(final, asked, mode, version), attempts)
 
+    def emobench(
+        self, items: list[EmoBenchItem], protocol: str, max_new_tokens: int, results: Results | None = None
+    ) -> list[EmoBenchOutcome]:
+        """Answer EmoBench items by ``protocol``: ``generate`` (the reference's prompts, greedy replies parsed for
+        letters) or ``loglikelihood`` (each question as multiple choice, acc_norm)."""
+        if protocol == "generate":
+            prompts = [
+                chat_prompt(
+                    self.tokenizer, emobench_suite.user_prompt(i), emobench_suite.system_prompt(i.task, i.language)
+                )
+                for i in items
+            ]
+            replies = self.generate(prompts, max_new_tokens)
+            return [EmoBenchOutcome(i, emobench_suite.parse_reply(r, i.task), r) for i, r in zip(items, replies)]
+        if protocol != "loglikelihood":
+            raise ValueError(f"EmoBench protocol {protocol!r} is not one of {list(emobench_suite.PROTOCOLS)}")
+        questions = [[from_choice_item(q, "ei") for q in emobench_suite.loglikelihood_questions(i)] for i in items]
+        flat = self.choices([q for qs in questions for q in qs], "emobench", results or Results())
+        outcomes, at = [], 0
+        for item, qs in zip(items, questions):
+            chosen = flat[at : at + len(qs)]
+            outcomes.append(EmoBenchOutcome(item, [emobench_suite.LETTERS[o.scores.predicted] for o in chosen]))
+            at += len(qs)
+        return outcomes
+
     def gates(self, records: list[EiRecord]) -> list[float | None]:
         """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""
         prompts = [self.encoder.formatter.format(record) for record in records]
@@ -289,9 +328,12 @@ def example_gates(recorder: RoutingRecorder | None, stream: str, batch: int) -> 
     return torch.stack(per_layer).mean(0).tolist()
 
 
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """``prompt`` as the user turn of the tokenizer's chat template, ready for the reply; unchanged without one."""
+def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """``prompt`` as the user turn of the tokenizer's chat template (after ``system``, if given), ready for the
+    reply; without a template, the system text and the prompt one after the other."""
     if not getattr(tokenizer, "chat_template", None):
-        return prompt
+        return prompt if system is None else f"{system}\n{prompt}"
     messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -9,7 +9,8 @@ the model sees it formatted exactly like its training data (``data.prompt_templa
   Grouped by dimension (knowledge, reasoning, commonsense, reading).
 - ``eqbench``: EQ-Bench questions (v2, or v1), asked and scored as the reference harness does
   (:mod:`moei_lightning.eval.eqbench`; ``eval.eqbench_mode``).
-- ``emobench``: EmoBench EU (emotion, cause) and EA items, by log-likelihood. Grouped by category.
+- ``emobench``: EmoBench EU (emotion and cause, jointly) and EA items, by the reference protocol
+  (generated letter answers) or, as an option, by log-likelihood (:mod:`moei_lightning.eval.emobench`).
 - ``emotion_prompt``: the ``gi`` items again with emotional stimuli appended
   (:mod:`moei_lightning.eval.emotion_prompt`).
 
@@ -23,9 +24,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
-from moei_lightning.eval.emobench import load_emobench
+from moei_lightning.eval.emobench import EmoBenchItem, load_emobench
 from moei_lightning.eval.eqbench import EqBenchInputError, Question, load_questions
 from moei_lightning.eval.items import ChoiceItem
 from moei_lightning.eval.mmlu import load_mmlu_csv
@@ -68,7 +70,7 @@ class SuiteInputs:
     names: list[str]
     eibench: list[Item] = field(default_factory=list)
     gi: list[Item] = field(default_factory=list)
-    emobench: list[Item] = field(default_factory=list)
+    emobench: list[EmoBenchItem] = field(default_factory=list)
     eqbench: EqBenchQuestions | None = None
     stimuli: dict[str, str] = field(default_factory=dict)
 
@@ -118,12 +120,12 @@ def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str
                 loaded = load_mmlu_csv(path, dimension)
             except ValueError as err:
                 raise DataError(f"{err} (file from config key eval.gi_mmlu_csv)") from err
-            items += [_from_choice_item(item, "gi") for item in loaded]
+            items += [from_choice_item(item, "gi") for item in loaded]
     return items
 
 
-def emobench_items(directory: str, languages: Sequence[str]) -> list[Item]:
-    """EmoBench EU (emotion and cause questions) and EA items of ``languages`` from ``directory``."""
+def emobench_items(directory: str, languages: Sequence[str]) -> list[EmoBenchItem]:
+    """EmoBench EU and EA items of ``languages`` from ``directory``."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(
             f"config key eval.emobench_dir: {directory} is not a folder; point it at the folder holding "
@@ -133,7 +135,7 @@ def emobench_items(directory: str, languages: Sequence[str]) -> list[Item]:
         loaded = load_emobench(directory, languages)
     except ValueError as err:
         raise DataError(f"{err} (config keys eval.emobench_dir, eval.emobench_languages)") from err
-    return [_from_choice_item(item, "ei") for item in loaded]
+    return loaded
 
 
 def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
@@ -147,7 +149,10 @@ def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
     return EqBenchQuestions(path=str(path), questions=kept, available=len(questions))
 
 
-def limit_items(items: list[Item], limit: int | None) -> list[Item]:
+T = TypeVar("T", Item, EmoBenchItem)
+
+
+def limit_items(items: list[T], limit: int | None) -> list[T]:
     """The first ``limit`` items of each task and language, in their order (all of them without a limit)."""
     if limit is None:
         return items
@@ -172,7 +177,8 @@ def _records(paths: Sequence[str], key: str, domain: str) -> list[EiRecord]:
     return records
 
 
-def _from_choice_item(item: ChoiceItem, domain: str) -> Item:
+def from_choice_item(item: ChoiceItem, domain: str) -> Item:
+    """A loader's :class:`ChoiceItem` as an :class:`Item` whose record is formatted like training data."""
     record = EiRecord(
         id=item.id,
         task=item.task,
