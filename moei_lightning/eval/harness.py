@@ -248,11 +248,9 @@ class Harness:
         """Answer EmoBench items by ``protocol``: ``generate`` (the reference's prompts, greedy replies parsed for
         letters) or ``loglikelihood`` (each question as multiple choice, acc_norm)."""
         if protocol == "generate":
+            system = emobench_suite.system_prompt
             prompts = [
-                chat_prompt(
-                    self.tokenizer, emobench_suite.user_prompt(i), emobench_suite.system_prompt(i.task, i.language)
-                )
-                for i in items
+                chat_prompt(self.tokenizer, emobench_suite.user_prompt(i), system(i.task, i.language)) for i in items
             ]
             replies = self.generate(prompts, max_new_tokens)
             return [EmoBenchOutcome(i, emobench_suite.parse_reply(r, i.task), r) for i, r in zip(items, replies)]
