@@ -232,6 +232,23 @@ def test_recorder_one_entry_per_layer_without_padding_and_under_checkpointing() 
     assert all(layer.gate.weight.grad is not None for layer in molora_layers(model).values())
 
 
+def test_recorder_snapshot_and_pause_restore_what_it_held() -> None:
+    model = inject_molora(tiny_llama(), MoLoRAConfig(routing="token"))
+    recorder = model.molora_recorder
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask)
+    held = {name: record.gate.clone() for name, record in recorder.records.items()}
+    with recorder.paused():
+        model(input_ids=ids[:1, :3])
+        assert recorder.records == {} and not recorder.enabled
+    with recorder.snapshot():
+        model(input_ids=ids[:1, :3])
+        assert all(r.gate.shape == (3,) for r in recorder.records.values())  # recording inside
+    assert recorder.enabled and recorder.masks["decoder"] is mask
+    assert recorder.records.keys() == held.keys()
+    assert all(torch.equal(recorder.records[name].gate, gate) for name, gate in held.items())
+
+
 @pytest.mark.parametrize("routing", ["token", "prompt"])
 def test_cached_generation_equals_uncached_with_trained_adapters(routing: str) -> None:
     for model in (tiny_llama(), tiny_t5()):

@@ -173,6 +173,39 @@ class RoutingRecorder:
         )
         return prompt if mask is None else mask & prompt
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Run extra forwards (evaluation, metrics) and afterwards hold exactly what was held before:
+        the records, masks, on/off state and prompt-routing state of the step being monitored."""
+        saved = (
+            dict(self.records),
+            dict(self.masks),
+            self.enabled,
+            self.continues_cache,
+            self.prompt_mask,
+            dict(self.prompt_cache),
+            self.encoder_summary,
+        )
+        try:
+            yield
+        finally:
+            (
+                self.records,
+                self.masks,
+                self.enabled,
+                self.continues_cache,
+                self.prompt_mask,
+                self.prompt_cache,
+                self.encoder_summary,
+            ) = saved
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Like :meth:`snapshot`, and forwards inside record nothing (cheaper when nobody reads them)."""
+        with self.snapshot():
+            self.enabled = False
+            yield
+
     def token_mask(self, stream: Stream, batch: int, length: int) -> torch.Tensor | None:
         """The (batch, length) bool mask of real tokens for the current input, or None if all are real.
 
