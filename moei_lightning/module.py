@@ -34,6 +34,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.errors import ConfigError, TrainingDiverged
+from moei_lightning.eval.distributed import local_map
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
 from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora
 from moei_lightning.sharding import gathered_root, shard_model
@@ -270,12 +271,12 @@ class MoEIModule(LightningModule):
         max_new_tokens = max_new_tokens or self.max_new_tokens
         if not self._is_sharded():
             return generate_texts(self.model, self.tokenizer, self.kind, prompts, max_new_tokens)
-        longest = torch.tensor(len(prompts), device=self.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        padded = prompts + [prompts[0] if prompts else ""] * (int(longest) - len(prompts))
+
+        def run(padded: list[str]) -> list[str]:
+            return generate_texts(self.model, self.tokenizer, self.kind, padded, max_new_tokens, synced_gpus=True)
+
         with gathered_root(self.model):
-            texts = generate_texts(self.model, self.tokenizer, self.kind, padded, max_new_tokens, synced_gpus=True)
-        return texts[: len(prompts)]
+            return local_map(run, prompts, "", self.device)
 
     def _is_sharded(self) -> bool:
         """Whether a forward is a collective: FSDP2 shards the model, or FSDP1 wraps the module."""

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 
 
 def block_classes(model: nn.Module, class_paths: list[str] | None = None) -> tuple[type[nn.Module], ...]:
@@ -119,3 +119,15 @@ def gathered_root(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.reshard()
+
+
+def root_parameters_gathered(model: nn.Module) -> AbstractContextManager:
+    """Under FSDP1, the root unit's own parameters (embeddings, final norm, LM head) stay sharded outside
+    the root's forward, and the evaluation calls the inner Hugging Face model directly; gather them for
+    its duration. Inner units gather their own parameters in their forward; other strategies need nothing.
+    """
+    roots = FullyShardedDataParallel.fsdp_modules(model, root_only=True)
+    stack = ExitStack()
+    for root in roots:
+        stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False))
+    return stack

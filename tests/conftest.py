@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -114,3 +115,44 @@ class PoisonAtStep(Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(p for n, p in pl_module.named_parameters() if n.endswith("lora_B")).fill_(float("nan"))
+
+
+class ThreadWorld:
+    """Ranks as threads: an all-gather built on a barrier, so sharded_map runs as it would across processes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size, timeout=300)
+
+    def gather_for(self, rank: int):
+        def gather(obj: object, world_size: int) -> list:
+            assert world_size == self.size
+            self.slots[rank] = obj
+            self.barrier.wait()
+            gathered = list(self.slots)
+            self.barrier.wait()
+            return gathered
+
+        return gather
+
+    def run(self, fn: Callable[[int], object]) -> list:
+        """``fn(rank)`` on every rank at once; results in rank order. A failing rank releases the others."""
+        outputs: list = [None] * self.size
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                outputs[rank] = fn(rank)
+            except BaseException as err:
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return outputs

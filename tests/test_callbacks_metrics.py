@@ -1,4 +1,4 @@
-"""Per-aspect EI and per-dimension GI metrics: known answers, 2 processes, and the callback in a validation run."""
+"""The one scorer's rows (known answers, percent), the validation callback on one and on two ranks."""
 
 from pathlib import Path
 
@@ -8,13 +8,15 @@ from lightning.pytorch import Trainer
 
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.callbacks import EiMetricsCallback, RouterStatsCallback
-from moei_lightning.callbacks.aspect_metrics import AspectMetrics, metric_key, task_specs
 from moei_lightning.callbacks.stats_files import METRICS_FILE, ROUTER_FILE, read_rows
 from moei_lightning.data import EiRecord, MoEIDataModule
+from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome
+from moei_lightning.eval.scorer import metric_key, record_items, score_rows
+from moei_lightning.eval.scoring import ChoiceScores
 from moei_lightning.eval.text_metrics import score_generations
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
-from tests.conftest import on_two_ranks
+from tests.conftest import ThreadWorld
 
 POLARITY = ["positive", "negative", "neutral"]
 REPLIES = ["i am so sorry to hear that", "that sounds really hard for you"]
@@ -43,7 +45,7 @@ CASES = [
     (_record(0, "math", "gi", "reasoning", "4", ["3", "4"]), "3"),
 ]
 
-EXPECTED = {
+EXPECTED_FRACTIONS = {
     "val/ei/perception/polarity/acc": 0.5,
     # positive: P 1/2 R 1/2; negative: P 1/2 R 1; neutral: never right
     "val/ei/perception/polarity/f1": (0.5 + 2 / 3 + 0.0) / 3,
@@ -55,7 +57,7 @@ EXPECTED = {
     "val/ei/cognition/cause/acc": 1.0,
     "val/ei/cognition/cause/f1": 1.0,  # labels never seen in the data do not count
     "val/ei/cognition/acc": 1.0,
-    "val/ei/expression/reply/rougeL": 1.0,
+    "val/ei/expression/reply/rouge_l": 1.0,
     "val/ei/expression/reply/bleu4": 1.0,
     "val/ei/expression/reply/distinct1": 12 / 13,  # "that" twice among 13 words
     "val/ei/expression/score": 1.0,  # an open task's score is its ROUGE-L
@@ -67,62 +69,76 @@ EXPECTED = {
 }
 
 
-def _score(metrics: AspectMetrics, cases: list) -> None:
-    choice = [(r, p) for r, p in cases if r.choices]
-    open_ = [(r, p) for r, p in cases if not r.choices]
-    key = lambda r: (r.domain, r.aspect, r.task)  # noqa: E731
-    metrics.update_choices([key(r) for r, _ in choice], [p for _, p in choice], [r.output for r, _ in choice])
-    metrics.update_generations([key(r) for r, _ in open_], [p for _, p in open_], [r.output for r, _ in open_])
+EXPECTED = {key: 100 * value for key, value in EXPECTED_FRACTIONS.items()}
+
+
+def _rows(cases: list) -> list[dict]:
+    """Outcomes whose predictions are the cases' answers, scored by the one scorer."""
+    items = record_items([r for r, _ in cases])
+    choice, open_ = [], []
+    for item, (record, answer) in zip(items, cases):
+        if record.choices:
+            logprobs = [0.0 if c == answer else -9.0 for c in record.choices]
+            choice.append(ChoiceOutcome(item, ChoiceScores(logprobs, [1] * len(logprobs), [1] * len(logprobs))))
+        else:
+            open_.append(OpenOutcome(item, answer))
+    return score_rows(choice, open_)
 
 
 def _values(rows: list[dict]) -> dict[str, float]:
     return {metric_key("val", r): r["value"] for r in rows}
 
 
-def test_known_answers_per_task_aspect_and_domain() -> None:
-    metrics = AspectMetrics(task_specs([r for r, _ in CASES]))
-    _score(metrics, CASES)
-    rows = metrics.compute()
+def test_known_answers_per_task_aspect_and_domain_in_percent() -> None:
+    rows = _rows(CASES)
     values = _values(rows)
     assert {k: values[k] for k in EXPECTED} == pytest.approx(EXPECTED)
     assert {k: values[f"val/ei/expression/{k}"] for k in ("bleu4", "rouge1", "distinct2")} == pytest.approx(
         {k: score_generations(REPLIES, REPLIES)[k] for k in ("bleu4", "rouge1", "distinct2")}
     )
     assert not any(k.startswith("val/gi/") and k.endswith("/f1") for k in values)  # GI: accuracy only
-    assert all(0.0 <= v <= 1.0 for v in values.values())
+    assert all(0.0 <= v <= 100.0 + 1e-9 for v in values.values())
+    assert all(k == k.lower() for k in values)  # snake_case keys
     counts = {metric_key("val", r): r["n"] for r in rows}
     assert counts["val/ei/perception/acc"] == 6 and counts["val/ei/expression/bleu4"] == 2
     assert counts["val/ei/avg"] == 10 and counts["val/gi/avg"] == 4
 
 
-def test_task_without_records_in_the_epoch_is_left_out() -> None:
-    metrics = AspectMetrics(task_specs([r for r, _ in CASES]))
-    _score(metrics, [c for c in CASES if c[0].task != "math"])
-    values = _values(metrics.compute())
+def test_task_without_records_is_left_out() -> None:
+    values = _values(_rows([c for c in CASES if c[0].task != "math"]))
     assert "val/gi/reasoning/acc" not in values
-    assert values["val/gi/avg"] == pytest.approx(2 / 3)
+    assert values["val/gi/avg"] == pytest.approx(100 * 2 / 3)
 
 
-def _metrics_on_rank(rank: int) -> list[dict]:
-    torch.set_num_threads(1)
-    metrics = AspectMetrics(task_specs([r for r, _ in CASES]))
-    # Uneven shares: rank 1 gets no open record and no reasoning record at all.
-    mine = [
-        c for i, c in enumerate(CASES) if (c[0].choices is None or c[0].task == "math" or i % 3 == 0) == (rank == 0)
-    ]
-    _score(metrics, mine)
-    return metrics.compute()
+def _module() -> tuple[MoEIModule, MoEIDataModule]:
+    torch.manual_seed(0)
+    module = MoEIModule(backbone=BackboneConfig(name_or_path="tiny-llama"), molora=MoLoRAConfig(num_experts=4, rank=8))
+    module.configure_model()
+    module.eval()
+    datamodule = MoEIDataModule(max_length=256, eval_batch_size=16)
+    datamodule.attach(module.tokenizer, module.kind)
+    datamodule.setup("validate")
+    return module, datamodule
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_one_process_answers(tmp_path: Path) -> None:
-    one = AspectMetrics(task_specs([r for r, _ in CASES]))
-    _score(one, CASES)
-    expected = one.compute()
-    for rows in on_two_ranks(_metrics_on_rank, tmp_path):
-        assert [metric_key("val", r) for r in rows] == [metric_key("val", r) for r in expected]
-        assert _values(rows) == pytest.approx(_values(expected))
-        assert [r["n"] for r in rows] == [r["n"] for r in expected]
+def test_callback_sharded_path_gives_the_one_process_rows_with_equal_calls() -> None:
+    """Two ranks (threads sharing an all-gather) split the forwards evenly and both get the one-rank rows."""
+    module, datamodule = _module()
+    callback = EiMetricsCallback(max_new_tokens=4, choice_batch_size=8, generation_batch_size=4)
+    callback.setup(type("T", (), {"datamodule": datamodule, "callbacks": []})(), module, "validate")
+    single = callback.score(module, datamodule, "val", 0, 1, lambda obj, world_size: [obj])
+
+    world = ThreadWorld(2)
+    modules = [_module()[0] for _ in range(2)]
+    calls = [0, 0]
+    for rank, m in enumerate(modules):
+        m.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))
+    sharded = world.run(lambda rank: callback.score(modules[rank], datamodule, "val", rank, 2, world.gather_for(rank)))
+    assert calls[0] == calls[1] > 0
+    for rows in sharded:
+        assert [metric_key("val", r) for r in rows] == [metric_key("val", r) for r in single]
+        assert _values(rows) == pytest.approx(_values(single), abs=1e-6)
+        assert [r["n"] for r in rows] == [r["n"] for r in single]
 
 
 def _validate(tmp_path: Path, callbacks: list) -> list[dict[str, float]]:
@@ -141,7 +157,6 @@ def _validate(tmp_path: Path, callbacks: list) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_callback_logs_metrics_and_keeps_the_routing_for_router_stats(tmp_path: Path) -> None:
-    # The metrics callback runs first, with forwards of its own; the router statistics must not change.
     both = _validate(
         tmp_path / "both", [EiMetricsCallback(max_new_tokens=4, choice_batch_size=64), RouterStatsCallback()]
     )
@@ -149,9 +164,9 @@ def test_callback_logs_metrics_and_keeps_the_routing_for_router_stats(tmp_path: 
     assert read_rows(tmp_path / "both", ROUTER_FILE) == read_rows(tmp_path / "alone", ROUTER_FILE)
     logged = both[0]
     for key in ("val/ei/perception/acc", "val/ei/perception/f1", "val/ei/cognition/acc", "val/ei/expression/bleu4"):
-        assert 0.0 <= logged[key] <= 1.0, key
-    for key in ("val/ei/expression/rougeL", "val/gi/knowledge/acc", "val/ei/avg", "val/gi/avg"):
-        assert 0.0 <= logged[key] <= 1.0, key
+        assert 0.0 <= logged[key] <= 100.0, key
+    for key in ("val/ei/expression/rouge_l", "val/gi/knowledge/acc", "val/ei/avg", "val/gi/avg"):
+        assert 0.0 <= logged[key] <= 100.0, key
     assert not any(k.startswith("val/ei/") for k in alone[0])
     rows = read_rows(tmp_path / "both", METRICS_FILE)
     assert {r["key"]: r["value"] for r in rows} == pytest.approx({k: v for k, v in logged.items() if k.count("/") > 1})

@@ -14,6 +14,7 @@ from moei_lightning.eval.eqbench import question_prompt
 from moei_lightning.eval.harness import Harness, Settings, chat_prompt
 from moei_lightning.eval.suites import SuiteInputs, eibench_items, emobench_items, eqbench_questions, gi_items
 from moei_lightning.module import MoEIModule
+from tests.conftest import ThreadWorld
 
 STIMULI = {"EP02": "This is very important to my career.", "EP04": "Are you sure?"}
 
@@ -48,26 +49,6 @@ def small_inputs() -> SuiteInputs:
     choice_items = [i for i in eibench if i.answer is not None][:4]
     gi = gi_items([str(SAMPLES_DIR / "gi" / "test.jsonl")], "data.gi_test", {})[:5]
     return SuiteInputs(["eibench", "gi", "emotion_prompt"], eibench=choice_items + open_items, gi=gi, stimuli=STIMULI)
-
-
-class ThreadWorld:
-    """Ranks as threads: an all-gather built on a barrier, so sharded_map runs as it would across processes."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.slots: list = [None] * size
-        self.barrier = threading.Barrier(size, timeout=300)
-
-    def gather_for(self, rank: int):
-        def gather(obj: object, world_size: int) -> list:
-            assert world_size == self.size
-            self.slots[rank] = obj
-            self.barrier.wait()
-            gathered = list(self.slots)
-            self.barrier.wait()
-            return gathered
-
-        return gather
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])

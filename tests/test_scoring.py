@@ -1,4 +1,6 @@
-"""Multiple choice by log-likelihood: checked against a brute-force sum and on a case whose answer is known."""
+"""Multiple choice by log-likelihood: against a brute-force sum, lm-eval's prompt/choice boundary, a known answer."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +9,9 @@ from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenize
 from moei_lightning.data import EiRecord, Encoder, PromptFormatter
 from moei_lightning.eval.scoring import (
     ChoiceScores,
+    choice_examples,
     choice_loglikelihoods,
+    split_boundary,
 )
 
 PRESETS = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
@@ -43,12 +47,24 @@ def setup_model(preset: str) -> tuple[torch.nn.Module, Encoder]:
     return load_backbone(config), Encoder(tokenizer, formatter, PRESETS[preset], max_length=256)
 
 
+def lm_eval_pair(encoder: Encoder, prompt: str, choice: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-evaluation-harness v0.4's HFLM ``_encode_pair`` makes them:
+    trailing whitespace of the context moves to the continuation; causal continuation tokens are those of the
+    whole text past the context's length; seq2seq ones are the continuation's own."""
+    tokenizer = encoder.tokenizer
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    context, continuation = (prompt[:-n_spaces], prompt[-n_spaces:] + choice) if n_spaces else (prompt, choice)
+    starts_with_bos = tokenizer.bos_token is not None and context.startswith(tokenizer.bos_token)
+    context_ids = tokenizer(context, add_special_tokens=not starts_with_bos)["input_ids"]
+    if encoder.kind == "causal":
+        whole = tokenizer(context + continuation, add_special_tokens=not starts_with_bos)["input_ids"]
+        return context_ids, whole[len(context_ids) :]
+    return context_ids, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
 def brute_force_logprob(model: torch.nn.Module, encoder: Encoder, prompt: str, choice: str) -> float:
     """log p(choice | prompt) for one unpadded sequence, written out token by token."""
-    tokenizer = encoder.tokenizer
-    starts_with_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
-    prompt_ids = tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
-    choice_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    prompt_ids, choice_ids = lm_eval_pair(encoder, prompt, choice)
     if encoder.kind == "causal":
         ids = prompt_ids + choice_ids
         logits = model(input_ids=torch.tensor([ids])).logits[0].double()
@@ -65,11 +81,11 @@ def test_matches_brute_force_sum_over_choices_of_different_lengths(preset: str) 
     model, encoder = setup_model(preset)
     scores = choice_loglikelihoods(model, encoder, RECORDS, batch_size=3)  # batches cut across records
     for record, score in zip(RECORDS, scores):
-        token_counts = [len(encoder.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in record.choices]
+        prompt = encoder.formatter.format(record)
+        token_counts = [len(lm_eval_pair(encoder, prompt, c)[1]) for c in record.choices]
         assert len(set(token_counts)) > 1
         assert score.tokens == token_counts
         assert score.chars == [len(c) for c in record.choices]
-        prompt = encoder.formatter.format(record)
         expected = [brute_force_logprob(model, encoder, prompt, choice) for choice in record.choices]
         assert score.logprobs == pytest.approx(expected, abs=1e-4)
         per_char = [lp / len(c) for lp, c in zip(expected, record.choices)]
@@ -99,3 +115,33 @@ def test_preferred_choice_wins(preset: str) -> None:
     after = choice_loglikelihoods(model, encoder, [record])[0]
     assert after.predicted == answer
     assert after.predicted_unnormalised == answer
+
+
+def test_boundary_is_split_as_lm_eval_does() -> None:
+    assert split_boundary("Answer: ", "Paris") == ("Answer:", " Paris")
+    assert split_boundary("Answer:\n\n", "Paris") == ("Answer:", "\n\nParis")
+    assert split_boundary("Answer:", " Paris") == ("Answer:", " Paris")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_space_scores_the_same_on_either_side_of_the_boundary(preset: str) -> None:
+    """A template ending in a space and a choice starting with one are one text, so one score (lm-eval)."""
+    model, encoder = setup_model(preset)
+    tokenizer = encoder.tokenizer
+    spaced, plain = (
+        Encoder(tokenizer, PromptFormatter(template, use_chat_template=False, tokenizer=tokenizer), encoder.kind, 256)
+        for template in ("{instruction}\n\n{input}\nAnswer: ", "{instruction}\n\n{input}\nAnswer:")
+    )
+    record = RECORDS[0]
+    leading = dataclasses.replace(record, choices=[f" {c}" for c in record.choices], output=f" {record.output}")
+    a, b = choice_loglikelihoods(model, spaced, [record])[0], choice_loglikelihoods(model, plain, [leading])[0]
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert a.tokens == b.tokens
+    examples, _ = choice_examples(spaced, [record])
+    prompt = spaced.formatter.format(record)
+    for example, choice in zip(examples, record.choices):
+        context_ids, choice_ids = lm_eval_pair(spaced, prompt, choice)
+        if encoder.kind == "causal":
+            assert example.input_ids == context_ids + choice_ids
+        else:
+            assert (example.input_ids, example.labels) == (context_ids, choice_ids)

@@ -108,7 +108,7 @@ class Encoder:
         examples = []
         for record, prompt, body, target in zip(records, prompts, bodies, targets):
             target = [*target, self.tokenizer.eos_token_id]
-            body = _strip(body, self.lead, self.tail if self.kind == "seq2seq" else [])
+            body = strip_affixes(body, self.lead, self.tail if self.kind == "seq2seq" else [])
             encoded = (self._causal if self.kind == "causal" else self._seq2seq)(body, target, report)
             if encoded is None:
                 report.skipped.append(record.source or record.id)
@@ -154,8 +154,9 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     )
 
 
-def _strip(ids: list[int], lead: list[int], tail: list[int]) -> list[int]:
-    """``ids`` without a leading ``lead`` and trailing ``tail`` that the prompt text itself rendered."""
+def strip_affixes(ids: list[int], lead: list[int], tail: list[int]) -> list[int]:
+    """``ids`` without a leading ``lead`` and trailing ``tail`` that the prompt text itself rendered
+    (a chat template writes ``<s>`` itself), so they are not added twice."""
     if lead and ids[: len(lead)] == lead:
         ids = ids[len(lead) :]
     if tail and ids[len(ids) - len(tail) :] == tail:

@@ -2,12 +2,9 @@
 
 How each number is made (docs/evaluation.md says the same for users):
 
-- Accuracy is ``acc_norm`` in percent: the choice with the highest log-likelihood per character.
-- Open EiBench tasks: BLEU-4, ROUGE-L and Distinct-1/2 in percent (:mod:`moei_lightning.eval.text_metrics`),
-  corpus-level per task.
-- A task's score is its accuracy (choice tasks) or its ROUGE-L (open tasks). An EI aspect or a GI
-  dimension scores the mean of its tasks' scores, so one large task does not drown the others; ``n``
-  counts items. The EI and GI averages are means over the aspects or dimensions present.
+- EiBench and GI: the rows of :func:`moei_lightning.eval.scorer.score_rows`, the same numbers the
+  ``test`` run logs (acc_norm accuracy; BLEU-4, ROUGE-L, Distinct-1/2 in percent; a task scores its
+  accuracy or ROUGE-L, an aspect or dimension the mean of its tasks, the averages the mean of those).
 - EmoBench: accuracy per task, language and category and Overall per language, as its reference
   reports it (EU right only when emotion and cause both are); no pooled average.
 - EQ-Bench: the benchmark's own 0-100 score, rounded to 2 decimals as the reference harness rounds it;
@@ -21,12 +18,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from moei_lightning.data import EI_ASPECTS, GI_ASPECTS
 from moei_lightning.eval.emobench import OVERALL, EmoBenchOutcome
 from moei_lightning.eval.emobench import accuracy_rows as emobench_accuracy_rows
-from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome, Results
+from moei_lightning.eval.harness import ChoiceOutcome, Results
 from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
-from moei_lightning.eval.text_metrics import score_generations
+from moei_lightning.eval.scorer import ALL, Row, accuracy, score_rows
+from moei_lightning.eval.text_metrics import BLEU_SETTINGS, ROUGE_SETTINGS
 
 _SOURCES = {"eibench": "EiBench JSONL", "gi": "GI JSONL", "mmlu": "MMLU CSV", "emobench": "EmoBench"}
 _NO_ADAPTERS = "no adapters to route to (model.adapter: full)"
@@ -52,10 +49,11 @@ def build_report(
             f"Quick run (eval.limit={limit}): at most {limit} items per task and language, and the first "
             f"{limit} EQ-Bench questions; these scores are not comparable with full runs."
         )
+    rows = score_rows(results.eibench + results.gi, results.eibench_open)
     if "eibench" in names:
-        _eibench(results.eibench, results.eibench_open, report)
+        _eibench(rows, report)
     if "gi" in names:
-        _gi(results.gi, report)
+        _gi(results.gi, rows, report)
     if "eqbench" in names and results.eqbench is not None:
         _eqbench(results, report)
     if "emobench" in names:
@@ -72,11 +70,6 @@ def build_report(
     return report
 
 
-def accuracy(outcomes: list[ChoiceOutcome]) -> float:
-    """Percent of outcomes whose acc_norm answer is right."""
-    return 100.0 * sum(o.correct for o in outcomes) / len(outcomes)
-
-
 def mean(values: Iterable[float | None]) -> float | None:
     """Mean of the values, or None when there is none or any is missing."""
     values = list(values)
@@ -85,68 +78,65 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(values) / len(values)
 
 
-def generation_scores(outcomes: list[OpenOutcome]) -> dict[str, float]:
-    """Text metrics of the predictions against their references, in percent."""
-    scores = score_generations([o.prediction for o in outcomes], [o.item.record.output for o in outcomes])
-    return {key: 100.0 * value for key, value in scores.items()}
+class _Rows:
+    """The scorer's rows of one domain, looked up by (aspect, task, metric)."""
+
+    def __init__(self, rows: list[Row], domain: str) -> None:
+        self.rows = [r for r in rows if r["domain"] == domain]
+        self._index = {(r["aspect"], r["task"], r["metric"]): r for r in self.rows}
+
+    def value(self, aspect: str, task: str, metric: str) -> float | None:
+        row = self._index.get((aspect, task, metric))
+        return None if row is None else row["value"]
+
+    def n(self, aspect: str, task: str, metric: str) -> int:
+        row = self._index.get((aspect, task, metric))
+        return 0 if row is None else row["n"]
+
+    def aspects(self) -> list[str]:
+        return list(dict.fromkeys(r["aspect"] for r in self.rows if r["aspect"] != ALL))
+
+    def tasks(self, aspect: str) -> list[str]:
+        return list(dict.fromkeys(r["task"] for r in self.rows if r["aspect"] == aspect and r["task"] != ALL))
 
 
-def _eibench(choice: list[ChoiceOutcome], open_: list[OpenOutcome], report: Report) -> None:
-    tasks: dict[tuple[str, str, str], list] = defaultdict(list)
-    for outcome in choice:
-        tasks[(outcome.item.group, outcome.item.task, "choice")].append(outcome)
-    for outcome in open_:
-        tasks[(outcome.item.group, outcome.item.task, "open")].append(outcome)
-    task_rows, task_scores = [], defaultdict(list)
-    for aspect, task, kind in sorted(tasks, key=lambda k: (EI_ASPECTS.index(k[0]), k[1], k[2])):
-        outcomes = tasks[(aspect, task, kind)]
-        if kind == "choice":
-            score = accuracy(outcomes)
-            task_rows.append([task, aspect, kind, len(outcomes), score, None, None, None, None])
-        else:
-            m = generation_scores(outcomes)
-            score = m["rougeL"]
-            task_rows.append(
-                [task, aspect, kind, len(outcomes), None, m["bleu4"], m["rougeL"], m["distinct1"], m["distinct2"]]
-            )
-        task_scores[aspect].append((kind, score))
+_TEXT = ("bleu4", "rouge_l", "distinct1", "distinct2")
+
+
+def _eibench(rows: list[Row], report: Report) -> None:
+    ei = _Rows(rows, "ei")
+    task_rows: list[list] = []
+    for aspect in ei.aspects():
+        for task in ei.tasks(aspect):
+            if ei.value(aspect, task, "acc") is not None:
+                acc, f1 = ei.value(aspect, task, "acc"), ei.value(aspect, task, "f1")
+                task_rows.append([task, aspect, "choice", ei.n(aspect, task, "acc"), acc, f1, None, None, None, None])
+            if ei.value(aspect, task, "bleu4") is not None:
+                text = [ei.value(aspect, task, m) for m in _TEXT]
+                task_rows.append([task, aspect, "open", ei.n(aspect, task, "bleu4"), None, None, *text])
     report.tables["eibench"] = Table(
         "EiBench (EI) tasks",
-        ["task", "aspect", "type", "n", "accuracy", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2"],
+        ["task", "aspect", "type", "n", "accuracy", "macro-F1", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2"],
         task_rows,
-        note="Choice tasks: acc_norm. Open tasks: greedy generation, corpus BLEU-4, mean ROUGE-L F, Distinct-1/2.",
+        note=f"Choice tasks: acc_norm. Open tasks: greedy generation; BLEU-4: {BLEU_SETTINGS}; "
+        f"ROUGE-L: {ROUGE_SETTINGS}; Distinct-1/2 over all predictions.",
     )
-    aspect_rows, aspect_scores = [], []
-    for aspect in [a for a in EI_ASPECTS if a in task_scores]:
-        in_aspect_choice = [o for o in choice if o.item.group == aspect]
-        in_aspect_open = [o for o in open_ if o.item.group == aspect]
-        m = generation_scores(in_aspect_open) if in_aspect_open else {}
-        score = mean(s for _, s in task_scores[aspect])
-        aspect_scores.append(score)
-        aspect_rows.append(
-            [
-                aspect,
-                len(task_scores[aspect]),
-                len(in_aspect_choice),
-                accuracy(in_aspect_choice) if in_aspect_choice else None,
-                len(in_aspect_open),
-                m.get("bleu4"),
-                m.get("rougeL"),
-                m.get("distinct1"),
-                m.get("distinct2"),
-                score,
-            ]
-        )
-        kinds = [k for k, _ in task_scores[aspect]]
+    aspect_rows = []
+    for aspect in ei.aspects():
+        kinds = [row[2] for row in task_rows if row[1] == aspect]
+        score = ei.value(aspect, ALL, "score")
+        text = [ei.value(aspect, ALL, m) for m in _TEXT]
+        n_choice, n_open = ei.n(aspect, ALL, "acc"), ei.n(aspect, ALL, "bleu4")
+        aspect_rows.append([aspect, len(kinds), n_choice, ei.value(aspect, ALL, "acc"), n_open, *text, score])
         note = ", ".join(
             f"{kinds.count(k)} {k} task{'s' * (kinds.count(k) != 1)} ({metric})"
             for k, metric in (("choice", "accuracy"), ("open", "ROUGE-L"))
             if k in kinds
         )
-        n = len(in_aspect_choice) + len(in_aspect_open)
-        report.summary.rows.append(["EI", aspect, score, n, f"mean of {note}"])
+        report.summary.rows.append(["EI", aspect, score, n_choice + n_open, f"mean of {note}"])
+    n_aspects = len(ei.aspects())
     report.summary.rows.append(
-        ["EI", "average", mean(aspect_scores), len(choice) + len(open_), f"mean of {len(aspect_scores)} aspects"]
+        ["EI", "average", ei.value(ALL, ALL, "avg"), ei.n(ALL, ALL, "avg"), f"mean of {n_aspects} aspects"]
     )
     report.tables["eibench_aspects"] = Table(
         "EiBench (EI) aspects",
@@ -156,25 +146,30 @@ def _eibench(choice: list[ChoiceOutcome], open_: list[OpenOutcome], report: Repo
     )
 
 
-def _gi(outcomes: list[ChoiceOutcome], report: Report) -> None:
-    tasks: dict[tuple[str, str, str], list[ChoiceOutcome]] = defaultdict(list)
-    for outcome in outcomes:
-        tasks[(outcome.item.group, outcome.item.task, outcome.item.source)].append(outcome)
-    rows, by_dimension = [], defaultdict(list)
-    for dimension, task, source in sorted(tasks, key=lambda k: (GI_ASPECTS.index(k[0]), k[1], k[2])):
-        group = tasks[(dimension, task, source)]
-        rows.append([task, dimension, _SOURCES[source], len(group), accuracy(group)])
-        by_dimension[dimension].append(group)
-    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], rows, note="acc_norm.")
-    scores = []
-    for dimension in [d for d in GI_ASPECTS if d in by_dimension]:
-        groups = by_dimension[dimension]
-        score = mean(accuracy(g) for g in groups)
-        scores.append(score)
-        n = sum(len(g) for g in groups)
-        tasks = f"{len(groups)} task{'s' * (len(groups) != 1)}"
+def _gi(outcomes: list[ChoiceOutcome], rows: list[Row], report: Report) -> None:
+    gi = _Rows(rows, "gi")
+    sources = {(o.item.group, o.item.task): o.item.source for o in outcomes}
+    table = [
+        [
+            task,
+            dimension,
+            _SOURCES[sources[(dimension, task)]],
+            gi.n(dimension, task, "acc"),
+            gi.value(dimension, task, "acc"),
+        ]
+        for dimension in gi.aspects()
+        for task in gi.tasks(dimension)
+    ]
+    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], table, note="acc_norm.")
+    for dimension in gi.aspects():
+        count = len(gi.tasks(dimension))
+        tasks = f"{count} task{'s' * (count != 1)}"
+        score, n = gi.value(dimension, ALL, "score"), gi.n(dimension, ALL, "score")
         report.summary.rows.append(["GI", dimension, score, n, f"mean of {tasks} (accuracy)"])
-    report.summary.rows.append(["GI", "average", mean(scores), len(outcomes), f"mean of {len(scores)} dimensions"])
+    n_dimensions = len(gi.aspects())
+    report.summary.rows.append(
+        ["GI", "average", gi.value(ALL, ALL, "avg"), len(outcomes), f"mean of {n_dimensions} dimensions"]
+    )
 
 
 def _eqbench(results: Results, report: Report) -> None:

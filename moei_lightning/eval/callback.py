@@ -14,16 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
 
+from moei_lightning.callbacks.ei_metrics import log_rows
 from moei_lightning.data import DataError, Encoder
 from moei_lightning.eval import emobench
 from moei_lightning.eval.aggregate import build_report
@@ -33,6 +31,7 @@ from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, questions_version, 
 from moei_lightning.eval.harness import Harness, Results, Settings
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.report import Report, Table
+from moei_lightning.eval.scorer import score_rows
 from moei_lightning.eval.suites import (
     SuiteInputs,
     check_suites,
@@ -42,6 +41,7 @@ from moei_lightning.eval.suites import (
     gi_items,
     limit_items,
 )
+from moei_lightning.sharding import root_parameters_gathered
 
 
 class PaperEvaluation(Callback):
@@ -143,6 +143,11 @@ class PaperEvaluation(Callback):
             self.emobench_max_new_tokens,
         )
 
+    @property
+    def scores_ei_gi(self) -> bool:
+        """Whether ``test`` takes its EI/GI metrics from this evaluation (``ei_metrics`` then leaves the test split)."""
+        return bool({"eibench", "gi"} & set(self.names))
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Read and check every input file now, before the test loop spends any time."""
         if stage == "test" and self.names:
@@ -187,6 +192,8 @@ class PaperEvaluation(Callback):
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             progress = SuiteProgress(trainer, len(self.names))
             results = harness.run(self.inputs, self.settings, progress)
+        if self.scores_ei_gi:  # the same rows as the report's EI/GI tables, logged as test/ei/..., test/gi/...
+            log_rows("test", score_rows(results.eibench + results.gi, results.eibench_open), trainer, pl_module)
         if not trainer.is_global_zero:
             return
         config = self.run_config(trainer, pl_module)
@@ -252,18 +259,6 @@ class PaperEvaluation(Callback):
                 f"set eval.{key} to the EiBench JSONL files to evaluate"
             )
         return list(paths[data_key]), f"data.{data_key}"
-
-
-def root_parameters_gathered(model: nn.Module) -> AbstractContextManager:
-    """Under FSDP1, the root unit's own parameters (embeddings, final norm, LM head) stay sharded outside
-    the root's forward, and the evaluation calls the inner Hugging Face model directly; gather them for
-    its duration. Inner units gather their own parameters in their forward; other strategies need nothing.
-    """
-    roots = FullyShardedDataParallel.fsdp_modules(model, root_only=True)
-    stack = ExitStack()
-    for root in roots:
-        stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False))
-    return stack
 
 
 def write_outputs(results: Results, run_dir: Path) -> None:

@@ -1,10 +1,14 @@
-"""Split evaluation work over ranks so that every rank makes the same model calls, then collect it.
+"""Every rank makes the same model calls: the one place that keeps sharded ranks in step.
 
 Under FSDP every forward (and every generation step) is a collective: a rank that runs one more
-batch than the others waits forever. So each rank gets exactly ``ceil(n / world_size)`` units, the
-last unit repeated as padding, and the repeats are dropped again when the results are put back in
-order. Units are dealt round-robin (unit ``i`` to rank ``i % world_size``), which spreads long and
-short inputs evenly.
+batch than the others waits forever.
+
+- :func:`sharded_map`: work every rank knows (an evaluation's items). Each rank gets exactly
+  ``ceil(n / world_size)`` units, the last unit repeated as padding, and the repeats are dropped again
+  when the results are put back in order. Units are dealt round-robin (unit ``i`` to rank
+  ``i % world_size``), which spreads long and short inputs evenly; every rank gets every result.
+- :func:`local_map`: work each rank holds alone (its own batch). Ranks agree on the longest count,
+  the shorter ones pad with repeats, and the repeats' results are dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -57,3 +62,19 @@ def sharded_map(
     if len(local) != len(mine):
         raise ValueError(f"sharded_map: {len(local)} results for {len(mine)} units; fn must return one per unit")
     return merge(gather(local, world_size), len(units))
+
+
+def local_map(
+    fn: Callable[[list[T]], list[R]], units: list[T], filler: T, device: torch.device | str = "cpu"
+) -> list[R]:
+    """``fn`` over this rank's own ``units`` with as many units on every rank of the process group.
+
+    A rank with fewer units pads with its first unit (``filler`` when it has none) up to the longest
+    rank's count; the padding's results are dropped. Without a process group it is just ``fn(units)``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn(units)
+    longest = torch.tensor(len(units), device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    padded = units + [units[0] if units else filler] * (int(longest) - len(units))
+    return fn(padded)[: len(units)]

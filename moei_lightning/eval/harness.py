@@ -115,10 +115,11 @@ class Harness:
         kind: ``causal`` or ``seq2seq``.
         encoder: formats and tokenises records exactly as for training (``data.*`` settings).
         recorder: the adapters' routing recorder, for inter-gate readings; None without adapters.
-        batch_size: sequences per forward pass or generate call.
+        batch_size: sequences per forward pass (and per generate call, unless ``generation_batch_size`` is set).
         rank: this process's global rank.
         world_size: the number of processes sharing the work.
         gather: collects one object from every rank (tests replace it).
+        generation_batch_size: prompts per generate call; None: ``batch_size``.
     """
 
     def __init__(
@@ -132,10 +133,12 @@ class Harness:
         rank: int = 0,
         world_size: int = 1,
         gather: Gather = all_gather,
+        generation_batch_size: int | None = None,
     ) -> None:
         self.model, self.tokenizer, self.kind, self.encoder = model, tokenizer, kind, encoder
         self.recorder = recorder
         self.batch_size = batch_size
+        self.generation_batch_size = generation_batch_size or batch_size
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
@@ -202,7 +205,7 @@ class Harness:
                     self.kind,
                     shard,
                     max_new_tokens,
-                    self.batch_size,
+                    self.generation_batch_size,
                     synced_gpus=self.world_size > 1 and dist.is_initialized(),
                     temperature=temperature,
                 )

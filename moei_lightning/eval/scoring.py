@@ -1,12 +1,13 @@
 """Model-side scoring shared by training, per-aspect metrics and the evaluation harness.
 
 - :func:`sequence_logprobs`: log-probability of every label token of a batch (causal or seq2seq).
-- :func:`choice_loglikelihoods`: multiple choice by log-likelihood, as lm-evaluation-harness does it:
-  each choice is scored as the target of the record's own prompt (formatted and tokenised exactly as
-  in training, without the trailing EOS), and the answer is the choice with the highest
-  log-likelihood per character (``acc_norm``); the raw sum is kept too. Its three steps
-  (:func:`choice_examples`, :func:`example_loglikelihoods`, :func:`group_choices`) are public so
-  the evaluation harness can spread the forward passes over ranks.
+- :func:`choice_loglikelihoods`: multiple choice by log-likelihood, as lm-evaluation-harness (v0.4)
+  does it: each choice is the continuation of the record's own prompt (formatted as in training), the
+  answer is the choice with the highest log-likelihood per character (``acc_norm``; the raw sum is
+  kept too), and the prompt/choice boundary is split as lm-eval's ``_encode_pair`` splits it
+  (:func:`split_boundary`, :func:`choice_examples`). Its three steps (:func:`choice_examples`,
+  :func:`example_loglikelihoods`, :func:`group_choices`) are public so the evaluation harness can
+  spread the forward passes over ranks.
 - :func:`generate_texts`: greedy, batched, deterministic generation; causal prompts padded on the left.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moei_lightning.data import IGNORE_INDEX, Collator, DataReport, EiRecord, Encoder, Example
+from moei_lightning.data import IGNORE_INDEX, Collator, DataReport, EiRecord, Encoder, Example, strip_affixes
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,22 +77,60 @@ def choice_loglikelihoods(
     return group_choices(records, sums, counts)
 
 
-def choice_examples(encoder: Encoder, records: list[EiRecord]) -> tuple[list[Example], DataReport]:
-    """Every choice of every record, in order, as the target of the record's prompt (without the EOS).
+def split_boundary(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's boundary: whitespace ending the context moves to the start of the continuation."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped) :] + continuation
 
-    Split from the forward passes so that a caller can spread the examples over ranks; the report
-    counts the prompts that were truncated to fit ``data.max_length``.
+
+def choice_examples(encoder: Encoder, records: list[EiRecord]) -> tuple[list[Example], DataReport]:
+    """Every choice of every record, in order, as the continuation of the record's prompt (no EOS).
+
+    Tokenised as lm-evaluation-harness does: after :func:`split_boundary`, a causal model's choice
+    tokens are those of ``tokenize(context + continuation)`` past the length of
+    ``tokenize(context)``, and the model reads ``tokenize(context)`` followed by them; a seq2seq
+    model's choice tokens are the continuation tokenised alone. So "Answer: " + "Paris" and
+    "Answer:" + " Paris" score the same. The prompt keeps the special tokens training gives it, and
+    is cut from the left to fit ``data.max_length`` (counted in the report). Split from the forward
+    passes so that a caller can spread the examples over ranks.
     """
-    variants = []
+    tokenizer, causal = encoder.tokenizer, encoder.kind == "causal"
+    tail = [] if causal else encoder.tail
+    report = DataReport("choices")
+    examples = []
     for record in records:
         if not record.choices:
             raise ValueError(f"{record.source or record.id}: no choices to score")
-        variants += [dataclasses.replace(record, output=choice) for choice in record.choices]
-    examples, report = encoder.encode(variants, "choices")
-    if len(examples) != len(variants):
-        raise ValueError("a choice could not be encoded within data.max_length; raise it to score every choice")
-    # Drop the EOS: a choice's likelihood is that of its text, as in lm-evaluation-harness.
-    return [dataclasses.replace(e, labels=_without_last_label(e.labels)) for e in examples], report
+        prompt = encoder.formatter.format(record)
+        for choice in record.choices:
+            context, continuation = split_boundary(prompt, choice)
+            context_ids = strip_affixes(_tokens(tokenizer, context), encoder.lead, tail)
+            if causal:
+                whole = strip_affixes(_tokens(tokenizer, context + continuation), encoder.lead, [])
+                target = whole[len(context_ids) :]
+            else:
+                target = _tokens(tokenizer, continuation)
+            room = encoder.max_length - len(encoder.lead) - len(tail) - (len(target) if causal else 0)
+            if not target or room < 0 or (not causal and len(target) > encoder.max_length):
+                raise ValueError(
+                    f"{record.source or record.id}: choice {choice!r} cannot be scored within "
+                    f"data.max_length={encoder.max_length} tokens; raise it to score every choice"
+                )
+            if len(context_ids) > room:
+                report.truncated += 1
+                context_ids = context_ids[len(context_ids) - room :]
+            source = [*encoder.lead, *context_ids, *tail]
+            variant = dataclasses.replace(record, output=choice)
+            if causal:
+                examples.append(Example(variant, prompt, [*source, *target], [IGNORE_INDEX] * len(source) + target))
+            else:
+                examples.append(Example(variant, prompt, source, target))
+            report.examples[f"{record.domain}/{record.aspect}"] += 1
+    return examples, report
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -171,11 +210,6 @@ def encode_prompts(tokenizer: Any, prompts: list[str], kind: str) -> Any:
     add_special = not (bos and all(p.startswith(bos) for p in prompts))
     side = "left" if kind == "causal" else "right"
     return tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side, add_special_tokens=add_special)
-
-
-def _without_last_label(labels: list[int]) -> list[int]:
-    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    return [*labels[:last], IGNORE_INDEX, *labels[last + 1 :]]
 
 
 def _pad_id(tokenizer: Any) -> int:
