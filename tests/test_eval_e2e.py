@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
+from moei_lightning.callbacks.stats_files import METRICS_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.module import MoEIModule
@@ -54,7 +55,9 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
     assert "10 of 10 replies could not be parsed" in markdown
 
     replies = run_dir / "eqbench_replies.json"
-    assert len(json.loads(replies.read_text(encoding="utf-8"))) == 10
+    written = json.loads(replies.read_text(encoding="utf-8"))
+    assert (written["revise"], len(written["raw_results"]["1"]["raw_inference"])) == (False, 10)
+    assert written["raw_results"]["1"]["attempts"] == dict.fromkeys(written["raw_results"]["1"]["raw_inference"], 3)
     questions = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
     rescored = subprocess.run(
         [sys.executable, "-m", "moei_lightning.eval.eqbench", str(replies), "--questions", str(questions)],
@@ -63,6 +66,12 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
         check=True,
     )
     assert json.loads(rescored.stdout)["parseable"] == 0
+    assert report["scores"]["EQ-Bench v2/score"] is None  # failed: under 83.33 % parseable
+    # One set of numbers: the test metrics logged are the report's EI/GI rows, in percent.
+    logged_rows = {r["key"]: r["value"] for r in read_rows(run_dir, METRICS_FILE) if r["stage"] == "test"}
+    assert logged_rows["test/ei/avg"] == pytest.approx(report["scores"]["EI/average"])
+    assert logged_rows["test/gi/avg"] == pytest.approx(report["scores"]["GI/average"])
+    assert len((run_dir / "emobench_replies.jsonl").read_text(encoding="utf-8").splitlines()) == 40
     assert len((run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()) == 18
 
     tables = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "table" / "eval" / "*.json"))

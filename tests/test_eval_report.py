@@ -167,3 +167,15 @@ def test_failed_eqbench_run_has_no_score() -> None:
     report = build_report(["eqbench"], results, CONFIG, {})
     assert report.scores["EQ-Bench v2/score"] is None
     assert "FAILED" in report.summary.rows[0][4]
+
+
+def test_metrics_are_snake_case_and_in_report_json(tmp_path: Path) -> None:
+    report = build_report(NAMES, make_results(), CONFIG, {"EP02": "This is very important to my career."})
+    metrics = report.metrics
+    assert metrics["ei/perception"] == report.scores["EI/perception"]
+    assert metrics["eq_bench_v2/score"] == report.scores["EQ-Bench v2/score"]
+    assert metrics["emobench/eu_en"] == report.scores["EmoBench/EU en"]
+    assert "emotionprompt/gi_accuracy_plain" in metrics
+    assert all(key == key.lower() and " " not in key for key in metrics)
+    json_path, _ = report.write(tmp_path)
+    assert load_report(json_path).metrics == metrics

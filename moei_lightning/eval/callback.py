@@ -303,7 +303,7 @@ def log_to_wandb(logger: WandbLogger, report: Report) -> None:
     """Every table of the report as a W&B table under ``eval/``, and the summary scores as scalars."""
     for name, table in {"summary": report.summary, **report.tables}.items():
         logger.log_table(key=f"eval/{name}", columns=table.columns, data=wandb_rows(table))
-    logger.log_metrics({f"eval/{key}": value for key, value in report.scores.items() if value is not None})
+    logger.log_metrics({f"eval/{key}": value for key, value in report.metrics.items() if value is not None})
 
 
 def wandb_rows(table: Table) -> list[list[Any]]:

@@ -9,6 +9,7 @@ dimension, benchmark score and average), one table per suite with its tasks, fre
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,18 @@ class Report:
 
     @property
     def scores(self) -> dict[str, float | None]:
-        """Every summary score by ``suite/measure``: the numbers a comparison or a dashboard needs."""
+        """Every summary score by ``suite/measure`` as the tables label them (``EI/perception``)."""
         return {f"{row[0]}/{row[1]}": row[2] for row in self.summary.rows}
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """The same scores under snake_case keys (``ei/perception``, ``eq_bench_v2/score``), as logged to W&B."""
+        return {metric_name(key): value for key, value in self.scores.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "scores": self.scores,
+            "metrics": self.metrics,
             "summary": asdict(self.summary),
             "tables": {name: asdict(table) for name, table in self.tables.items()},
             "notes": self.notes,
@@ -95,6 +102,14 @@ def load_report(path: str | Path) -> Report:
         return Report.from_dict(data)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a report.json written by PaperEvaluation ({type(err).__name__}: {err})") from err
+
+
+def metric_name(label: str) -> str:
+    """A table label as a snake_case metric key.
+
+    ``EmotionPrompt/GI accuracy (plain)`` -> ``emotionprompt/gi_accuracy_plain``.
+    """
+    return "/".join(re.sub(r"[^0-9a-z]+", "_", part.lower()).strip("_") for part in label.split("/"))
 
 
 def format_value(value: Value) -> str:
