@@ -21,7 +21,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from moei_lightning.data import EiRecord, Encoder
 from moei_lightning.eval.harness import Harness
-from moei_lightning.eval.suites import Item
+from moei_lightning.eval.scorer import ALL, record_items, score_rows
+from moei_lightning.sharding import root_parameters_gathered
 
 ASPECTS = {"ei": ("perception", "cognition", "expression"), "gi": ("knowledge", "reasoning", "commonsense", "reading")}
 
@@ -29,30 +30,33 @@ ASPECTS = {"ei": ("perception", "cognition", "expression"), "gi": ("knowledge", 
 def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, Any]:
     """Accuracy (percent) per EI aspect and GI dimension, their means, and the mean gate per domain.
 
+    The accuracies come from the one scorer (:func:`~moei_lightning.eval.scorer.score_rows`): an
+    aspect's ``acc`` row, its accuracy pooled over its items (a proportion of ``counts_<domain>``
+    items, so it has a binomial interval), the number validation logs as ``val/<domain>/<aspect>/acc``.
     ``ei`` and ``gi`` hold one entry per aspect or dimension present plus ``avg``, the mean over them
     (every aspect weighs the same); ``gate_ei`` / ``gate_gi`` average each prompt's inter gate over
     adapted layers (None without adapters); ``n_<domain>`` counts the records per domain and
     ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
-    items = [Item("eibench", r.task, r.aspect, "en", r, r.choices.index(r.output)) for r in choice]
-    outcomes = harness.choices(items, "summary", _Tally())
+    outcomes = harness.choices(record_items(choice), "summary", _Tally())
+    rows = score_rows(outcomes, [])
     gates = harness.gates(choice)
-    hits: dict[str, dict[str, list[bool]]] = {"ei": defaultdict(list), "gi": defaultdict(list)}
     gate_values: dict[str, list[float]] = {"ei": [], "gi": []}
-    for record, outcome, gate in zip(choice, outcomes, gates):
-        hits[record.domain][record.aspect].append(outcome.correct)
+    for record, gate in zip(choice, gates):
         if gate is not None:
             gate_values[record.domain].append(gate)
     summary: dict[str, Any] = {}
     for domain in ("ei", "gi"):
-        groups = sorted(hits[domain], key=lambda a: (ASPECTS[domain] + (a,)).index(a))
-        accuracy = {group: 100.0 * sum(hits[domain][group]) / len(hits[domain][group]) for group in groups}
-        accuracy["avg"] = sum(accuracy.values()) / len(accuracy) if accuracy else None
+        pooled = [r for r in rows if (r["domain"], r["task"], r["metric"]) == (domain, ALL, "acc")]
+        scores, counts = {r["aspect"]: r["value"] for r in pooled}, {r["aspect"]: r["n"] for r in pooled}
+        groups = sorted(scores, key=lambda a: (ASPECTS[domain] + (a,)).index(a))
+        accuracy: dict[str, float | None] = {group: scores[group] for group in groups}
+        accuracy["avg"] = sum(scores.values()) / len(scores) if scores else None
         summary[domain] = accuracy
         summary[f"gate_{domain}"] = sum(gate_values[domain]) / len(gate_values[domain]) if gate_values[domain] else None
-        summary[f"n_{domain}"] = sum(len(v) for v in hits[domain].values())
-        summary[f"counts_{domain}"] = {group: len(hits[domain][group]) for group in groups}
+        summary[f"n_{domain}"] = sum(counts.values())
+        summary[f"counts_{domain}"] = {group: counts[group] for group in groups}
     return summary
 
 
@@ -128,8 +132,6 @@ class FitSummary(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict[str, Any]]:
-        from moei_lightning.eval.callback import root_parameters_gathered
-
         data = trainer.datamodule
         encoder = Encoder(pl_module.tokenizer, data.formatter, pl_module.kind, data.max_length)
         harness = Harness(
