@@ -68,7 +68,7 @@ class MoEIModule(LightningModule):
         min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio``.
         max_new_tokens: generation length for ``predict`` and ``generate_in_eval``.
         generate_in_eval: also generate a greedy reply to every validation and test prompt and log
-            ``val/exact_match`` / ``test/exact_match`` against the target. Under FSDP every rank takes
+            ``val/exact_match`` / ``test/exact_match`` (percent) against the target. Under FSDP every rank takes
             part in every decoding step (see :meth:`generate`).
     """
 
@@ -246,7 +246,7 @@ class MoEIModule(LightningModule):
         terms = self.losses(batch)
         if replies is not None:
             hits = [normalise(r) == normalise(t) for r, t in zip(replies, batch["target"])]
-            terms["exact_match"] = torch.tensor(sum(hits) / len(hits), device=terms["loss"].device)
+            terms["exact_match"] = torch.tensor(100.0 * sum(hits) / len(hits), device=terms["loss"].device)
         size = len(batch["id"])
         self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=size)
 

@@ -244,7 +244,7 @@ def test_fsdp2_checkpoint_holds_adapters_only_and_reproduces_validation_loss(
 @pytest.mark.timeout(200)
 def test_validation_generates_under_fsdp2_without_hanging(fsdp2_run: Path) -> None:
     """The causal model generated in validation after training (the fixture's run has a timeout)."""
-    assert 0.0 <= logged(fsdp2_run, "val/exact_match") <= 1.0
+    assert 0.0 <= logged(fsdp2_run, "val/exact_match") <= 100.0  # percent
 
 
 @pytest.mark.slow
