@@ -176,28 +176,16 @@ class RoutingRecorder:
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """Run extra forwards (evaluation, metrics) and afterwards hold exactly what was held before:
-        the records, masks, on/off state and prompt-routing state of the step being monitored."""
-        saved = (
-            dict(self.records),
-            dict(self.masks),
-            self.enabled,
-            self.continues_cache,
-            self.prompt_mask,
-            dict(self.prompt_cache),
-            self.encoder_summary,
-        )
+        the records, masks, on/off state and prompt-routing state of the step being monitored.
+
+        Every attribute is saved (dicts copied), so state added to the recorder later is kept too.
+        """
+        saved = {key: dict(value) if isinstance(value, dict) else value for key, value in vars(self).items()}
         try:
             yield
         finally:
-            (
-                self.records,
-                self.masks,
-                self.enabled,
-                self.continues_cache,
-                self.prompt_mask,
-                self.prompt_cache,
-                self.encoder_summary,
-            ) = saved
+            vars(self).clear()
+            vars(self).update(saved)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
