@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
 from moei_lightning.architectures import PUBLISHED
+from moei_lightning.cli import resolve_bases
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import MoLoRAConfig, inject_molora
 
@@ -32,7 +32,7 @@ def architecture(name_or_path: str) -> PretrainedConfig:
 
 def sizes(config_path: Path) -> dict[str, float]:
     """Parameter counts and bytes of the frozen backbone, the adapters, and a training checkpoint."""
-    model_cfg = yaml.safe_load(config_path.read_text())["model"]
+    model_cfg = resolve_bases(config_path)["model"]  # the file with its base: files merged beneath it
     backbone_cfg = model_cfg["backbone"]
     hf_config = architecture(backbone_cfg["name_or_path"])
     auto = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM

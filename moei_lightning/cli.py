@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ArgumentParser, Namespace, get_loader, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -74,7 +74,22 @@ TOOLS = {
 
 
 class MoEIArgumentParser(LightningArgumentParser):
-    """Answers a misspelt config key in one line, with the closest valid key, instead of the full usage."""
+    """Reads config files with a ``base:`` list; answers a misspelt key in one line, with the closest valid key."""
+
+    def parse_path(
+        self,
+        path: str | os.PathLike,
+        ext_vars: dict | None = None,
+        env: bool | None = None,
+        defaults: bool = True,
+        **kwargs: Any,
+    ) -> Namespace:
+        """A file that lists ``base:`` files is parsed as those files with its own keys merged over them."""
+        source = Path(os.fspath(path))
+        if not source.is_file() or BASE_KEY not in _load_mapping(source):
+            return super().parse_path(path, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
+        merged = yaml.safe_dump(resolve_bases(source), sort_keys=False, allow_unicode=True)
+        return self.parse_string(merged, path=source.name, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         key = misspelt_key(message)
@@ -85,6 +100,70 @@ class MoEIArgumentParser(LightningArgumentParser):
         hint = f"; did you mean '{closest[0]}'?" if closest else f"; `{parser.prog} --help` lists the keys"
         sys.stderr.write(f"error: unknown config key '{key}'{hint}\n")
         raise SystemExit(2)
+
+
+BASE_KEY = "base"
+"""Top-level key of a config file: the files it builds on, relative to it, merged in order beneath it."""
+
+
+def resolve_bases(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The config file at ``path`` as one mapping: its ``base:`` files first (in order), its own keys over them.
+
+    ``base: tiny.yaml`` (or a list) names files relative to the file that lists them; they may have bases
+    of their own. The result is what ``--config BASE --config FILE`` gives: see :func:`merge_configs`.
+    """
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(path) :], path))
+        raise ConfigError(f"{_chain[-1]}: base: the files include each other ({cycle}); remove one of the links")
+    config = _load_mapping(path)
+    bases = config.pop(BASE_KEY, None)
+    if bases is None:
+        return config
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: base: must be a file name or a list of them, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(
+                f"{path}: base: {base}: no such file ({base_path}); base files are relative to the file that lists them"
+            )
+        merged = merge_configs(merged, resolve_bases(base_path, (*_chain, path)))
+    return merge_configs(merged, config)
+
+
+def merge_configs(base: Any, overlay: Any) -> Any:
+    """``overlay`` over ``base``: mappings merge key by key, anything else (a list too) replaces.
+
+    A mapping with another ``class_path`` than the base's is a different object and replaces it whole,
+    so a strategy file that switches FSDP2 for DDP does not inherit FSDP2's ``init_args``.
+    """
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return overlay
+    if "class_path" in overlay and overlay["class_path"] != base.get("class_path"):
+        return overlay
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = merge_configs(base[key], value) if key in base else value
+    return merged
+
+
+def _load_mapping(path: Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, read as jsonargparse reads it (``1e-4`` is a float)."""
+    try:
+        config = get_loader("yaml")(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(str(err))})") from err
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of keys, got {type(config).__name__}")
+    return config
 
 
 _MISSPELT = (

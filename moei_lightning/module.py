@@ -41,6 +41,10 @@ from moei_lightning.sharding import gathered_root, shard_model
 from moei_lightning.strategies import clean_name
 
 AdapterKind = Literal["molora", "lora", "full"]
+# The defaults of the dataclass-typed arguments, as instances so that --print_config and a run's
+# config.yaml list every field (None would hide them); MoEIModule works on copies.
+DEFAULT_BACKBONE = BackboneConfig()
+DEFAULT_MOLORA = MoLoRAConfig()
 
 
 class MoEIModule(LightningModule):
@@ -74,9 +78,9 @@ class MoEIModule(LightningModule):
 
     def __init__(
         self,
-        backbone: BackboneConfig | None = None,
+        backbone: BackboneConfig = DEFAULT_BACKBONE,
         adapter: AdapterKind = "molora",
-        molora: MoLoRAConfig | None = None,
+        molora: MoLoRAConfig = DEFAULT_MOLORA,
         lambda_inter: float = 1.0,
         lambda_gi_lm: float = 0.0,
         lambda_bal: float = 0.0,
@@ -101,11 +105,12 @@ class MoEIModule(LightningModule):
             router_lr_scale=router_lr_scale,
         )
         self.save_hyperparameters(ignore=["optimizer"])
-        # load_from_checkpoint passes the saved hyperparameters back as plain dicts
-        self.backbone_config = (
-            BackboneConfig(**backbone) if isinstance(backbone, dict) else backbone or BackboneConfig()
-        )
-        molora = MoLoRAConfig.from_dict(molora) if isinstance(molora, dict) else molora or MoLoRAConfig()
+        # load_from_checkpoint passes the saved hyperparameters back as plain dicts (None in older checkpoints)
+        if isinstance(backbone, dict):
+            backbone = BackboneConfig(**backbone)
+        self.backbone_config = dataclasses.replace(backbone or DEFAULT_BACKBONE)
+        molora = MoLoRAConfig.from_dict(molora) if isinstance(molora, dict) else molora
+        molora = dataclasses.replace(molora or DEFAULT_MOLORA)
         self.adapter = adapter
         self.molora_config = adapter_config(adapter, molora)
         self.lambda_inter, self.lambda_gi_lm, self.lambda_bal = lambda_inter, lambda_gi_lm, lambda_bal
