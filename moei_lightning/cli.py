@@ -76,6 +76,10 @@ TOOLS = {
 class MoEIArgumentParser(LightningArgumentParser):
     """Reads config files with a ``base:`` list; answers a misspelt key in one line, with the closest valid key."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --data.batch_siz is a misspelling, not --data.batch_size
+        super().__init__(*args, **kwargs)
+
     def parse_path(
         self,
         path: str | os.PathLike,
@@ -167,6 +171,7 @@ def _load_mapping(path: Path) -> dict[str, Any]:
 
 
 _MISSPELT = (
+    re.compile(r"Group '([\w.]+)' does not accept option '([\w.]+)'"),
     re.compile(r"unrecognized arguments: --([\w.]+)"),
     re.compile(r"does not accept option '([\w.]+)'"),
     re.compile(r"Parser key \"([\w.]+)\":.*?Option '([\w.]+)' is not accepted", re.DOTALL),
@@ -189,7 +194,10 @@ def valid_keys(parser: ArgumentParser) -> list[str]:
         for hint in typing.get_args(getattr(action, "_typehint", None)) or (getattr(action, "_typehint", None),):
             if dataclasses.is_dataclass(hint):
                 keys += [f"{action.dest}.{field.name}" for field in dataclasses.fields(hint)]
-    return keys
+    subcommands = getattr(parser, "_subcommands_action", None)  # a config file's error reaches the top parser
+    for subparser in subcommands._name_parser_map.values() if subcommands is not None else ():
+        keys += valid_keys(subparser)
+    return list(dict.fromkeys(keys))
 
 
 class MoEISaveConfig(SaveConfigCallback):

@@ -105,6 +105,9 @@ class MoEIModule(LightningModule):
             router_lr_scale=router_lr_scale,
         )
         self.save_hyperparameters(ignore=["optimizer"])
+        for key in ("backbone", "molora"):  # checkpoints hold plain values only (read with weights_only=True)
+            if dataclasses.is_dataclass(self.hparams.get(key)):
+                self.hparams[key] = dataclasses.asdict(self.hparams[key])
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts (None in older checkpoints)
         if isinstance(backbone, dict):
             backbone = BackboneConfig(**backbone)

@@ -27,6 +27,10 @@ class MoEIProgressBar(RichProgressBar):
     and the lines.
 
     Args:
+        refresh_rate: batches between redraws of the bar; 0 hides the bar and the lines.
+        leave: keep each finished epoch's bar on screen.
+        theme: Rich styles of the bar (Lightning's ``RichProgressBarTheme``); ``None``: Lightning's.
+        console_kwargs: arguments of the Rich ``Console`` the bar draws on.
         lines: print progress lines instead of drawing the bar; ``None``: when standard output is not
             a terminal.
         lines_every_n_steps: training steps (and evaluation batches) between lines; ``None`` follows

@@ -73,7 +73,7 @@ class FitSummary(Callback):
 
     Args:
         splits: the DataModule splits to score (``val``, ``test``); their multiple-choice records
-            are used, open ones skipped. ``[]`` turns the summary off.
+            are used, open ones skipped. ``None``: ``[val]``; ``[]`` turns the summary off.
         batch_size: sequences per forward pass.
     """
 
