@@ -76,8 +76,12 @@ def fit(config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: l
         *extra,
     ]
     os.environ.pop(RUN_DIR_ENV, None)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads only `args`
     start = time.perf_counter()
-    main(args)
+    try:
+        main(args)
+    finally:
+        sys.argv = argv
     wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall_s"] = wall
