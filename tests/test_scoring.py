@@ -52,6 +52,7 @@ def lm_eval_pair(encoder: Encoder, prompt: str, choice: str) -> tuple[list[int],
     trailing whitespace of the context moves to the continuation; causal continuation tokens are those of the
     whole text past the context's length; seq2seq ones are the continuation's own."""
     tokenizer = encoder.tokenizer
+    choice = " " + choice  # lm-eval's default target_delimiter for multiple choice
     n_spaces = len(prompt) - len(prompt.rstrip())
     context, continuation = (prompt[:-n_spaces], prompt[-n_spaces:] + choice) if n_spaces else (prompt, choice)
     starts_with_bos = tokenizer.bos_token is not None and context.startswith(tokenizer.bos_token)
@@ -145,3 +146,15 @@ def test_a_space_scores_the_same_on_either_side_of_the_boundary(preset: str) -> 
             assert example.input_ids == context_ids + choice_ids
         else:
             assert (example.input_ids, example.labels) == (context_ids, choice_ids)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_choice_is_scored_on_the_tokens_training_teaches(preset: str) -> None:
+    """The chat prompt + `` choice`` reads exactly the prompt and target tokens a training example has."""
+    _, encoder = setup_model(preset)
+    record = RECORDS[0]
+    trained, _ = encoder.encode([dataclasses.replace(record, output=c) for c in record.choices], "train")
+    scored, _ = choice_examples(encoder, [record])
+    for train, score in zip(trained, scored):
+        assert score.input_ids == (train.input_ids[:-1] if encoder.kind == "causal" else train.input_ids)
+        assert [t for t in score.labels if t != -100] == [t for t in train.labels if t != -100][:-1]  # no EOS

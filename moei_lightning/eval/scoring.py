@@ -77,6 +77,12 @@ def choice_loglikelihoods(
     return group_choices(records, sums, counts)
 
 
+TARGET_DELIMITER = " "
+"""What separates a prompt from a choice: lm-evaluation-harness's default ``target_delimiter`` for
+multiple choice. It also makes a choice's tokens the ones training gives a target tokenised on its
+own by a SentencePiece tokenizer (LLaMA-2, T5): ``[/INST]`` + `` joy`` reads ``▁joy``, as in training."""
+
+
 def split_boundary(context: str, continuation: str) -> tuple[str, str]:
     """lm-eval's boundary: whitespace ending the context moves to the start of the continuation."""
     stripped = context.rstrip()
@@ -86,7 +92,8 @@ def split_boundary(context: str, continuation: str) -> tuple[str, str]:
 def choice_examples(encoder: Encoder, records: list[EiRecord]) -> tuple[list[Example], DataReport]:
     """Every choice of every record, in order, as the continuation of the record's prompt (no EOS).
 
-    Tokenised as lm-evaluation-harness does: after :func:`split_boundary`, a causal model's choice
+    Tokenised as lm-evaluation-harness does: the continuation is ``TARGET_DELIMITER + choice``, and
+    after :func:`split_boundary`, a causal model's choice
     tokens are those of ``tokenize(context + continuation)`` past the length of
     ``tokenize(context)``, and the model reads ``tokenize(context)`` followed by them; a seq2seq
     model's choice tokens are the continuation tokenised alone. So "Answer: " + "Paris" and
@@ -103,7 +110,7 @@ def choice_examples(encoder: Encoder, records: list[EiRecord]) -> tuple[list[Exa
             raise ValueError(f"{record.source or record.id}: no choices to score")
         prompt = encoder.formatter.format(record)
         for choice in record.choices:
-            context, continuation = split_boundary(prompt, choice)
+            context, continuation = split_boundary(prompt, TARGET_DELIMITER + choice)
             context_ids = strip_affixes(_tokens(tokenizer, context), encoder.lead, tail)
             if causal:
                 whole = strip_affixes(_tokens(tokenizer, context + continuation), encoder.lead, [])
