@@ -38,12 +38,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
 from moei_lightning.checkpoints import read_checkpoint_file
-from moei_lightning.data import DataError, MoEIDataModule
+from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
     DIVERGED_EXIT,
     USER_ERROR_EXIT,
@@ -441,11 +442,18 @@ def quiet_known_noise(subcommand: str) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+def register_resolvers() -> None:
+    """``${samples:synthetic/ei/train.jsonl}`` in a config names a bundled sample file wherever the package is."""
+    if not OmegaConf.has_resolver("samples"):
+        OmegaConf.register_new_resolver("samples", lambda path: str(SAMPLES_DIR / path))
+
+
 def main(args: list[str] | None = None) -> MoEICLI | None:
     """Entry point of ``python -m moei_lightning`` and the ``moei-lightning`` script.
 
     ``--debug`` (anywhere) or ``MOEI_DEBUG=1`` lets errors keep their traceback.
     """
+    register_resolvers()
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
