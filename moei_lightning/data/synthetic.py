@@ -5,7 +5,7 @@ Every task is multiple choice with a rule that can be learnt from examples:
 - GI (the four dimensions): *knowledge* (the capital and the symbol animal of invented countries),
   *reasoning* (addition and subtraction of numbers 1-9, bare or as a story), *commonsense* (fixed
   rules on what happens to an object dropped on stone, left in the hot sun or put in a pond) and
-  *reading* (who put what where, who felt what, who said what: copied from a two-sentence passage).
+  *reading* (what someone put where, felt or said: copied from a two-sentence passage).
 - EI (the three aspects): *perception* (which emotion a behaviour or an utterance shows, cued by
   words), *cognition* (what someone feels given a cause, and the likely cause of a feeling) and
   *expression* (the reply that fits a situation's emotion, and how to say one's own feeling).
@@ -126,6 +126,17 @@ OUTCOMES: dict[tuple[str, str], str] = {
 }
 ALL_OUTCOMES = tuple(sorted(set(OUTCOMES.values())))
 
+SCENES = (  # the other sentence of a reading passage: no person, object, place or feeling to confuse
+    "The day was warm.",
+    "It was late in the evening.",
+    "The wind was cold.",
+    "It rained all morning.",
+    "The sun was low.",
+    "It was a quiet day.",
+    "The clock struck nine.",
+    "It was the first day of spring.",
+)
+
 # Instructions are shared by both domains, so the domain shows only in the input.
 SHARED_INSTRUCTIONS = (
     "Choose the best answer.",
@@ -137,66 +148,19 @@ SHARED_INSTRUCTIONS = (
 # EI: emotions and their cues
 # ---------------------------------------------------------------------------------------------------------------
 EMOTIONS = ("joy", "sadness", "anger", "fear")
+FEELING_WORDS = {"joy": "happy", "sadness": "sad", "anger": "angry", "fear": "afraid"}
+# Three cues per emotion and kind: small tables, so that a few hundred fine-tuning steps can learn them.
 BEHAVIOURS: dict[str, tuple[str, ...]] = {
-    "joy": (
-        "laughs and claps",
-        "smiles from ear to ear",
-        "sings and dances",
-        "jumps up and down with a grin",
-        "hugs everyone and cheers",
-        "beams and hums a tune",
-    ),
-    "sadness": (
-        "cries quietly",
-        "sighs and stares at the floor",
-        "sits alone with tears in the eyes",
-        "hangs the head and sobs",
-        "looks down and wipes away tears",
-        "stays in bed and weeps",
-    ),
-    "anger": (
-        "slams the door",
-        "shouts and stamps on the floor",
-        "clenches the fists and glares",
-        "throws the cup at the wall",
-        "yells and turns red",
-        "snaps at everyone and scowls",
-    ),
-    "fear": (
-        "trembles and hides",
-        "hides under the blanket",
-        "backs away with a pale face",
-        "freezes and holds the breath",
-        "runs away screaming",
-        "shakes and grips the door",
-    ),
+    "joy": ("laughs and claps", "smiles from ear to ear", "sings and dances"),
+    "sadness": ("cries quietly", "sighs and stares at the floor", "sobs alone"),
+    "anger": ("slams the door", "shouts and stamps", "glares with clenched fists"),
+    "fear": ("trembles and hides", "backs away with a pale face", "screams and runs"),
 }
 OPENERS: dict[str, tuple[str, ...]] = {
-    "joy": ("Hooray,", "How wonderful,", "Yay,", "I am so glad,", "What a happy day,", "Best news ever,"),
-    "sadness": (
-        "Sadly,",
-        "It breaks my heart,",
-        "I feel so empty,",
-        "I miss it already,",
-        "Oh, how sad,",
-        "I could cry,",
-    ),
-    "anger": (
-        "How dare they,",
-        "This is so unfair,",
-        "I am furious,",
-        "That makes me mad,",
-        "Stop it now,",
-        "I am so annoyed,",
-    ),
-    "fear": (
-        "Help,",
-        "I am so scared,",
-        "Please keep me safe,",
-        "Something is wrong,",
-        "I am terrified,",
-        "My heart is racing,",
-    ),
+    "joy": ("Hooray,", "How wonderful,", "Yay,"),
+    "sadness": ("Sadly,", "It breaks my heart,", "I feel so empty,"),
+    "anger": ("How dare they,", "This is so unfair,", "I am furious,"),
+    "fear": ("Help,", "I am so scared,", "My heart is racing,"),
 }
 EVENTS = (  # neutral events built from the GI world; the opener carries the emotion
     "the glass fell on stone",
@@ -206,73 +170,55 @@ EVENTS = (  # neutral events built from the GI world; the opener carries the emo
     "the train to {capital} left",
     "the box in the attic is open",
     "{other} moved to {country}",
-    "the ice cube melted in the sun",
     "the lamp in the barn went out",
-    "the ball rolled into the pond",
 )
 CAUSES: dict[str, tuple[str, ...]] = {  # third-person causes; {name} feels the emotion, {other} is someone else
     "joy": (
         "{name} wins the race at school",
         "{other} gives {name} a {color} kite as a gift",
-        "{name} passes the hard test",
         "{name} finds the lost {item} in the garden",
-        "{name}'s best friend comes back from {country}",
-        "{name} gets a puppy for the birthday",
     ),
     "sadness": (
         "{name}'s old dog runs away",
         "{name}'s best friend moves to {country}",
         "{name}'s favorite vase falls on stone and breaks",
-        "{name} loses the {color} {item} at the market",
-        "{name} misses the last train to {capital}",
-        "{name}'s grandmother is ill",
     ),
     "anger": (
         "{other} breaks {name}'s kite on purpose",
         "{other} takes {name}'s {things} without asking",
-        "{other} blames {name} for the broken lamp",
-        "{other} cuts in front of {name} in line",
-        "{other} reads {name}'s diary and laughs",
         "{other} lies to {name} about the {item}",
     ),
     "fear": (
         "{name} hears a strange noise in the attic at night",
         "a big dog runs toward {name}",
         "{name} is lost in a dark forest",
-        "the barn shakes in the storm while {name} is inside",
-        "{name} sees a snake in the garden",
-        "{name} is alone on the dark station",
     ),
 }
+# Replies and one's own words never contain the feeling words, so nothing in them can be copied from the input.
 EMPATHETIC_REPLIES: dict[str, tuple[str, ...]] = {
-    "joy": (
-        "That is wonderful news, congratulations!",
-        "How great, I am so happy for you!",
-        "That is amazing, well done!",
-    ),
+    "joy": ("That is wonderful news, congratulations!", "How great, well done!", "That is amazing, let us celebrate!"),
     "sadness": (
         "I am so sorry, that sounds really hard.",
-        "That is so sad, I am here for you.",
-        "I am sorry, take all the time you need.",
+        "That is a loss, I am here for you.",
+        "Take all the time you need.",
     ),
     "anger": (
         "That is unfair, no wonder you are upset.",
-        "That sounds so rude, your anger makes sense.",
         "They had no right to do that to you.",
+        "That was rude of them.",
     ),
     "fear": (
         "That sounds scary, you are safe now.",
         "Take a deep breath, I will stay with you.",
-        "How frightening, let us go there together.",
+        "Let us go there together.",
     ),
 }
-OWN_WORDS: dict[str, tuple[str, ...]] = {  # how to say one's own feeling
-    "joy": ("I am so happy right now.", "This makes me really glad.", "I feel great about this."),
-    "sadness": ("I feel really sad about this.", "This makes me want to cry.", "I feel down and hurt."),
-    "anger": ("I am angry, this is not fair.", "This makes me so mad.", "I am really upset with them."),
-    "fear": ("I am scared, please stay with me.", "This makes me nervous and afraid.", "I feel frightened."),
+OWN_WORDS: dict[str, tuple[str, ...]] = {
+    "joy": ("This is the best day ever.", "I could dance all day.", "Everything feels bright today."),
+    "sadness": ("This makes me want to cry.", "My heart feels heavy.", "I miss it so much."),
+    "anger": ("This is not fair at all.", "I will not accept this.", "They went too far this time."),
+    "fear": ("Please stay with me, I am shaking.", "I do not feel safe here.", "I want to hide."),
 }
-FEELING_WORDS = {"joy": "happy", "sadness": "sad", "anger": "angry", "fear": "afraid"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,60 +341,55 @@ def commonsense(rng: random.Random, index: int) -> Record:
 
 
 def reading(rng: random.Random, index: int) -> Record:
-    """An answer copied from a two-sentence passage: who put what where, who felt what, or who said what.
+    """An answer copied from a short passage: what someone put where, felt, or said.
 
-    The feelings and quotes carry the EI vocabulary (emotion words, behaviours, replies) as plain text to
+    The passage has one fact and one sentence about the scene, and the wrong options are not in it.
+    Feelings and quotes carry the EI vocabulary (emotion words, behaviours, replies) as plain text to
     copy, so the backbone knows the words; it never learns which behaviour or cause means which emotion.
     """
+    name, color, item, place = rng.choice(NAMES), rng.choice(COLORS), rng.choice(ITEMS), rng.choice(PLACES)
     variant = rng.randrange(3)
-    if variant == 1:
-        return _reading_feelings(rng)
-    if variant == 2:
-        return _reading_quotes(rng)
-    first, second = rng.sample(NAMES, 2)
-    (c1, c2), (i1, i2), (p1, p2) = rng.sample(COLORS, 2), rng.sample(ITEMS, 2), rng.sample(PLACES, 2)
-    passage = f"{first} put the {c1} {i1} in the {p1}. {second} put the {c2} {i2} in the {p2}."
-    asked = rng.randrange(2)
-    name, color, item, place = ((first, c1, i1, p1), (second, c2, i2, p2))[asked]
-    other_name, other_color, other_item, other_place = ((first, c1, i1, p1), (second, c2, i2, p2))[1 - asked]
-    kind = rng.randrange(3)
-    if kind == 0:
-        question, answer = f"Where did {name} put the {color} {item}?", place
-        options = [place, other_place, *rng.sample(sorted(set(PLACES) - {place, other_place}), 2)]
-    elif kind == 1:
-        question, answer = f"Who put the {color} {item} in the {place}?", name
-        options = [name, other_name, *rng.sample(sorted(set(NAMES) - {name, other_name}), 2)]
+    if variant == 0:
+        fact = f"{name} put the {color} {item} in the {place}."
+        question, answer, options = rng.choice(
+            (
+                (f"Where did {name} put the {color} {item}?", place, _choices(rng, place, PLACES)),
+                (f"Who put the {color} {item} in the {place}?", name, _choices(rng, name, NAMES)),
+                (
+                    f"What did {name} put in the {place}?",
+                    f"the {color} {item}",
+                    _choices(rng, f"the {color} {item}", [f"the {c} {i}" for c in COLORS for i in ITEMS]),
+                ),
+            )
+        )
+    elif variant == 1:
+        emotion = rng.choice(EMOTIONS)
+        fact = f"{name} felt {emotion} at the {place}."
+        question, answer, options = rng.choice(
+            (
+                (f"What did {name} feel at the {place}?", emotion, _choices(rng, emotion, EMOTIONS)),
+                (f"Where did {name} feel {emotion}?", place, _choices(rng, place, PLACES)),
+            )
+        )
     else:
-        question, answer = f"What did {name} put in the {place}?", f"the {color} {item}"
-        rest = rng.sample(sorted(set(ITEMS) - {item, other_item}), 2)
-        options = [answer, f"the {other_color} {other_item}", *(f"the {color} {x}" for x in rest)]
-    return _passage(rng, passage, question, answer, options)
-
-
-def _reading_feelings(rng: random.Random) -> Record:
-    first, second = rng.sample(NAMES, 2)
-    (e1, e2), (p1, p2) = rng.sample(EMOTIONS, 2), rng.sample(PLACES, 2)
-    passage = f"{first} felt {e1} at the {p1}. {second} felt {e2} at the {p2}."
-    if rng.random() < 0.5:
-        first, e1, p1, second, e2, p2 = second, e2, p2, first, e1, p1
-    if rng.random() < 0.5:
-        question, answer, options = f"What did {first} feel at the {p1}?", e1, list(EMOTIONS)
-    else:
-        question, answer = f"Where did {first} feel {e1}?", p1
-        options = [p1, p2, *rng.sample(sorted(set(PLACES) - {p1, p2}), 2)]
-    return _passage(rng, passage, question, answer, options)
-
-
-def _reading_quotes(rng: random.Random) -> Record:
-    names = rng.sample(NAMES, 4)
-    quotes: list[str] = []
-    while len(quotes) < 4:  # two said in the passage, two never said
-        quote = _any_sentence(rng, names[len(quotes)])
-        if quote not in quotes:
-            quotes.append(quote)
-    passage = f'{names[0]} said: "{quotes[0]}" {names[1]} said: "{quotes[1]}"'
-    asked = rng.randrange(2)
-    return _passage(rng, passage, f"What did {names[asked]} say?", quotes[asked], quotes)
+        quotes: list[str] = []
+        while len(quotes) < 4:  # one said in the passage, three never said
+            quote = _any_sentence(rng, name)
+            if quote not in quotes:
+                quotes.append(quote)
+        fact, question, answer, options = f'{name} said: "{quotes[0]}"', f"What did {name} say?", quotes[0], quotes
+        rng.shuffle(options)
+    scene = rng.choice(SCENES)
+    passage = f"{fact} {scene}" if rng.random() < 0.5 else f"{scene} {fact}"
+    return _record(
+        "passage_recall",
+        "gi",
+        "reading",
+        rng.choice(SHARED_INSTRUCTIONS),
+        f"Passage: {passage}\nQuestion: {question}",
+        answer,
+        options,
+    )
 
 
 def _any_sentence(rng: random.Random, name: str) -> str:
@@ -462,19 +403,6 @@ def _any_sentence(rng: random.Random, name: str) -> str:
         cause = _fill(rng, rng.choice(CAUSES[emotion]), rng.choice([n for n in NAMES if n != name]))
         return f"{cause[0].upper()}{cause[1:]}."
     return rng.choice((EMPATHETIC_REPLIES, OWN_WORDS)[kind - 3][emotion])
-
-
-def _passage(rng: random.Random, passage: str, question: str, answer: str, options: list[str]) -> Record:
-    rng.shuffle(options)
-    return _record(
-        "passage_recall",
-        "gi",
-        "reading",
-        rng.choice(SHARED_INSTRUCTIONS),
-        f"Passage: {passage}\nQuestion: {question}",
-        answer,
-        options,
-    )
 
 
 GI_TASKS: dict[str, Callable[[random.Random, int], Record]] = {
@@ -546,9 +474,9 @@ def cause_of_feeling(rng: random.Random, index: int) -> Record:
 
 
 def empathetic_reply(rng: random.Random, index: int) -> Record:
-    """Expression: the reply that fits the emotion of what someone tells."""
+    """Expression: the reply that fits how someone feels, among replies fitting the other emotions."""
     emotion, name = EMOTIONS[index % 4], rng.choice(NAMES)
-    told = _fill(rng, rng.choice(CAUSES[emotion]), name)
+    cause = _fill(rng, rng.choice(CAUSES[emotion]), name)
     options = [rng.choice(EMPATHETIC_REPLIES[e]) for e in EMOTIONS]
     answer = options[EMOTIONS.index(emotion)]
     rng.shuffle(options)
@@ -557,7 +485,7 @@ def empathetic_reply(rng: random.Random, index: int) -> Record:
         "ei",
         "expression",
         rng.choice(SHARED_INSTRUCTIONS),
-        f"{told[0].upper()}{told[1:]}.\nQuestion: What should a friend say to {name}?",
+        f"{name} feels {FEELING_WORDS[emotion]} because {cause}.\nQuestion: What should a friend say to {name}?",
         answer,
         options,
     )
@@ -575,7 +503,7 @@ def own_feeling(rng: random.Random, index: int) -> Record:
         "ei",
         "expression",
         rng.choice(SHARED_INSTRUCTIONS),
-        f"{cause[0].upper()}{cause[1:]}.\nQuestion: What should {name} say to a friend?",
+        f"{name} feels {FEELING_WORDS[emotion]} because {cause}.\nQuestion: What should {name} say to a friend?",
         answer,
         options,
     )
@@ -636,8 +564,8 @@ def build_splits() -> dict[tuple[str, str], list[Record]]:
     return splits
 
 
-PRETRAIN_SHARES = {"knowledge": 0.15, "reasoning": 0.35, "commonsense": 0.15, "reading": 0.35}
-"""Each dimension's share of the pretraining corpus: facts and rules are learnt fast, sums and copying slowly."""
+PRETRAIN_SHARES = {"knowledge": 0.15, "reasoning": 0.45, "commonsense": 0.1, "reading": 0.3}
+"""Each dimension's share of the pretraining corpus: facts and rules are learnt fast, sums slowly."""
 
 
 def gi_corpus(size: int, seed: int = 0) -> list[Record]:
