@@ -1,9 +1,13 @@
-"""The frozen backbone: load a Hugging Face model and tokenizer, or build a tiny offline preset.
+"""The frozen backbone: load a Hugging Face model and tokenizer, or a tiny offline preset.
 
-The presets (`tiny-llama`, `tiny-t5`) mirror the real families (LLaMA-2-Chat, T5) in miniature so that
-tests and demos exercise the same code paths without any download. Their tokenizers are SentencePiece
+The built presets (`tiny-llama`, `tiny-t5`) mirror the real families (LLaMA-2-Chat, T5) in miniature so
+that tests and demos exercise the same code paths without any download. Their tokenizers are SentencePiece
 models trained on the bundled sample data and cached on disk; their weights come from a fixed seed, so
 every process that builds a preset gets identical weights.
+
+The shipped preset `tiny-llama-gi` is a tiny LLaMA pretrained on the synthetic GI world
+(docs/synthetic.md), stored inside the package as a `save_pretrained` directory and loaded through the
+ordinary `from_pretrained` path.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ KindOption = Literal["causal", "seq2seq", "auto"]
 DtypeOption = Literal["float32", "bfloat16", "float16", "auto"]
 _T = TypeVar("_T")
 
-PRESETS: dict[str, Kind] = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
+_BUILT_PRESETS: dict[str, Kind] = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
+SHIPPED_PRESETS: dict[str, Path] = {"tiny-llama-gi": Path(__file__).parent / "presets" / "tiny_llama_gi"}
+"""Presets stored in the package as `save_pretrained` directories (rebuilt by `moei_lightning.presets`)."""
+PRESETS: dict[str, Kind] = {**_BUILT_PRESETS, "tiny-llama-gi": "causal"}
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
 
 # transformers 4.56 renamed `torch_dtype` to `dtype` and warns on the old name.
@@ -131,7 +138,8 @@ class BackboneConfig:
 
     Args:
         name_or_path: A Hugging Face hub id, a local directory written by `save_pretrained`, or a preset
-            (`tiny-llama`, `tiny-t5`: tiny random models for tests, built offline).
+            (`tiny-llama`, `tiny-t5`: tiny random models for tests, built offline; `tiny-llama-gi`: a tiny
+            LLaMA pretrained on the synthetic GI tasks, shipped in the package).
         kind: `causal` (decoder-only LM), `seq2seq` (encoder-decoder) or `auto` to read it from the model
             config (`is_encoder_decoder`).
         dtype: Parameter dtype of the frozen backbone; `auto` keeps the checkpoint's own dtype.
@@ -177,11 +185,11 @@ def load_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
     keeps prompt+target sequences aligned for training; generation code switches to left padding itself.
     """
     source = cfg.tokenizer_name_or_path or cfg.name_or_path
-    if source in PRESETS:
+    if source in _BUILT_PRESETS:
         tokenizer = _preset_tokenizer(source)
     else:
         tokenizer = _from_pretrained(
-            AutoTokenizer.from_pretrained, source, "tokenizer", trust_remote_code=cfg.trust_remote_code
+            AutoTokenizer.from_pretrained, _location(source), "tokenizer", trust_remote_code=cfg.trust_remote_code
         )
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token or tokenizer.eos_token
@@ -202,7 +210,7 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None)
     Hub and local checkpoints are read straight onto `device`, so a GPU rank never holds a CPU copy.
     """
     kind = resolve_kind(cfg)
-    if cfg.name_or_path in PRESETS:
+    if cfg.name_or_path in _BUILT_PRESETS:
         model = _preset_model(cfg.name_or_path, cfg.attn_implementation)
         if cfg.dtype != "auto":  # a preset's own dtype is float32
             model.to(getattr(torch, cfg.dtype))
@@ -210,7 +218,7 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device | None = None)
         auto_class = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
         model = _from_pretrained(
             auto_class.from_pretrained,
-            cfg.name_or_path,
+            _location(cfg.name_or_path),
             "model",
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
@@ -228,12 +236,15 @@ def backbone_skeleton(cfg: BackboneConfig) -> PreTrainedModel:
     rank ever holds the pretrained weights in full.
     """
     with torch.device("meta"):
-        if cfg.name_or_path in PRESETS:
+        if cfg.name_or_path in _BUILT_PRESETS:
             model = _preset_model(cfg.name_or_path, cfg.attn_implementation)
             dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         else:
             config = _from_pretrained(
-                AutoConfig.from_pretrained, cfg.name_or_path, "config", trust_remote_code=cfg.trust_remote_code
+                AutoConfig.from_pretrained,
+                _location(cfg.name_or_path),
+                "config",
+                trust_remote_code=cfg.trust_remote_code,
             )
             dtype = _checkpoint_dtype(config) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
             auto_class = AutoModelForCausalLM if resolve_kind(config) == "causal" else AutoModelForSeq2SeqLM
@@ -280,6 +291,19 @@ def disable_activation_checkpointing(model: PreTrainedModel) -> bool:
     if enabled:
         model.gradient_checkpointing_disable()
     return enabled
+
+
+def _location(name: str) -> str:
+    """Where `from_pretrained` reads `name`: a shipped preset's package directory, else `name` itself."""
+    if name not in SHIPPED_PRESETS:
+        return name
+    directory = SHIPPED_PRESETS[name]
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The preset '{name}' should be shipped in the package at {directory}, but its files are missing; "
+            f"reinstall moei_lightning, or rebuild them with `python -m moei_lightning.presets.build_tiny_gi`"
+        )
+    return str(directory)
 
 
 def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: object) -> _T:
@@ -331,7 +355,8 @@ def _cache_root() -> Path:
 def _tokenizer_corpus() -> list[str]:
     """The preset tokenizers' training text: the built-in lines plus every text field of the bundled samples."""
     lines = list(_BUILTIN_TEXT)
-    for path in sorted(SAMPLES_DIR.rglob("*.jsonl"), key=lambda p: p.relative_to(SAMPLES_DIR).as_posix()):
+    # {ei,gi}/*.jsonl only: the synthetic data (samples/synthetic) has its own backbone and tokenizer.
+    for path in sorted(SAMPLES_DIR.glob("*/*.jsonl"), key=lambda p: p.relative_to(SAMPLES_DIR).as_posix()):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -342,6 +367,14 @@ def _tokenizer_corpus() -> list[str]:
             lines += [str(record[key]) for key in ("instruction", "input", "output") if record.get(key)]
             lines += [str(choice) for choice in record.get("choices") or ()]
     return lines
+
+
+def train_sentencepiece(lines: list[str], preset: str, **overrides: object) -> bytes:
+    """A SentencePiece model file trained on ``lines`` with a preset family's options (same input, same bytes)."""
+    options = {**_SPM_COMMON, **_SPM_PRESETS[preset][0], **overrides}
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
+    return model.getvalue()
 
 
 def _trained_spm_dir(preset: str) -> Path:
@@ -358,12 +391,11 @@ def _trained_spm_dir(preset: str) -> Path:
     target = directory / filename
     if not target.is_file():
         directory.mkdir(parents=True, exist_ok=True)
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
+        model = train_sentencepiece(lines, preset)
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as file:
-                file.write(model.getvalue())
+                file.write(model)
             os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared $MOEI_CACHE from other users
             os.replace(temporary, target)
         finally:

@@ -1,0 +1,1 @@
+"""Backbones shipped inside the package, and the scripts that build them."""
