@@ -18,9 +18,8 @@ QUIET = ["--ei_metrics.stages=[]", "--router_stats.stages=[]", "--summary.splits
 
 def fit_summary(tmp_path: Path, name: str, *overrides: str) -> dict:
     run_dir = tmp_path / name
-    result = run_cli(
-        "fit", "--config", str(REPO / "conf" / "tiny.yaml"), *SHORT, *QUIET, *overrides, f"--run_dir={run_dir}", cwd=tmp_path
-    )
+    config = str(REPO / "conf" / "tiny.yaml")
+    result = run_cli("fit", "--config", config, *SHORT, *QUIET, *overrides, f"--run_dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Fit summary: test split" in result.stdout
     assert (run_dir / "summary.md").is_file()
