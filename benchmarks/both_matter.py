@@ -67,8 +67,16 @@ QUIET = [
 
 
 def fit(config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
-    """One fit through the project's CLI; its summary.json plus the wall time."""
+    """One fit through the project's CLI; its summary.json plus the wall time.
+
+    A run directory that already holds a finished fit's ``summary.json`` is read instead, so an
+    interrupted benchmark continues where it stopped.
+    """
     from moei_lightning.cli import RUN_DIR_ENV, main
+
+    done = run_dir / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
 
     args = [
         "fit",
@@ -88,8 +96,9 @@ def fit(config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: l
     finally:
         sys.argv = argv
     wall = time.perf_counter() - start
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(done.read_text())
     summary["wall_s"] = wall
+    done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ei_aspects": [_groups(t["after"]["ei"]) for t in tests],
             "gi_dimensions": [_groups(t["after"]["gi"]) for t in tests],
             "trainable_parameters": per_seed[0]["trainable_parameters"],
-            "wall_s": [s["wall_s"] for s in per_seed],
+            "wall_s": [s.get("wall_s") for s in per_seed],
         }
     return results
 
