@@ -10,7 +10,7 @@ from rich.progress import Progress
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.callbacks.progress import MoEIProgressBar
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
-from moei_lightning.eval.harness import Harness
+from moei_lightning.eval.harness import Harness, Settings
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.suites import SuiteInputs, eibench_items, gi_items
 from moei_lightning.module import MoEIModule
@@ -39,7 +39,7 @@ def trainer(bar: object, rank_zero: bool = True) -> SimpleNamespace:
 
 def test_a_log_gets_a_line_as_each_suite_starts_and_ends(harness: Harness, capsys: pytest.CaptureFixture) -> None:
     with torch.no_grad():
-        harness.run(inputs(), 2, 2, SuiteProgress(trainer(MoEIProgressBar(lines=True)), 3))
+        harness.run(inputs(), Settings(max_new_tokens=2), SuiteProgress(trainer(MoEIProgressBar(lines=True)), 3))
     lines = capsys.readouterr().out.splitlines()
     expected = [
         r"eval 1/3 eibench: 5 items",
