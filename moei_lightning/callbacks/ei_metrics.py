@@ -23,7 +23,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moei_lightning.callbacks.stats_files import METRICS_FILE, append_rows
-from moei_lightning.data import Encoder
 from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import Harness, OpenOutcome, Results
 from moei_lightning.eval.scorer import Row, metric_key, record_items, score_rows
@@ -93,17 +92,14 @@ class EiMetricsCallback(Callback):
         self, pl_module: LightningModule, datamodule: Any, split: str, rank: int, world_size: int, gather: Gather
     ) -> list[Row]:
         """The split's rows: the ranks share the forwards (equal calls each) and all return every row."""
-        encoder = Encoder(pl_module.tokenizer, datamodule.formatter, pl_module.kind, datamodule.max_length)
-        runner = Harness(
-            pl_module.model,
-            pl_module.tokenizer,
-            pl_module.kind,
-            encoder,
-            None,
+        runner = Harness.of_module(
+            pl_module,
+            datamodule,
             self.choice_batch_size,
             rank,
             world_size,
-            gather,
+            recorder=None,
+            gather=gather,
             generation_batch_size=self.generation_batch_size,
         )
         items = self._items[split]
@@ -112,7 +108,7 @@ class EiMetricsCallback(Callback):
         recorder = getattr(pl_module, "recorder", None)
         with recorder.paused() if recorder is not None else nullcontext():
             outcomes = runner.choices(choice, split, Results())
-            prompts = [encoder.formatter.format(i.record) for i in open_items]
+            prompts = [runner.encoder.formatter.format(i.record) for i in open_items]
             texts = runner.generate(prompts, self.max_new_tokens or pl_module.max_new_tokens)
         return score_rows(outcomes, [OpenOutcome(i, t) for i, t in zip(open_items, texts)])
 

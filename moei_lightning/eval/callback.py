@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from moei_lightning.callbacks.ei_metrics import log_rows
-from moei_lightning.data import DataError, Encoder
+from moei_lightning.data import DataError
 from moei_lightning.eval import emobench
 from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.emobench import LANGUAGES
@@ -178,17 +178,7 @@ class PaperEvaluation(Callback):
                 f"data.max_length), but the test ran with {'no DataModule' if data is None else type(data).__name__}; "
                 "run it with MoEIDataModule"
             )
-        encoder = Encoder(pl_module.tokenizer, data.formatter, pl_module.kind, data.max_length)
-        harness = Harness(
-            pl_module.model,
-            pl_module.tokenizer,
-            pl_module.kind,
-            encoder,
-            pl_module.recorder,
-            self.batch_size,
-            trainer.global_rank,
-            trainer.world_size,
-        )
+        harness = Harness.of_module(pl_module, data, self.batch_size, trainer.global_rank, trainer.world_size)
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             progress = SuiteProgress(trainer, len(self.names))
             results = harness.run(self.inputs, self.settings, progress)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from moei_lightning.data import EiRecord, Encoder
+from moei_lightning.data import EiRecord
 from moei_lightning.eval.harness import Harness
 from moei_lightning.eval.scorer import ALL, record_items, score_rows
 from moei_lightning.sharding import root_parameters_gathered
@@ -133,17 +133,7 @@ class FitSummary(Callback):
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict[str, Any]]:
         data = trainer.datamodule
-        encoder = Encoder(pl_module.tokenizer, data.formatter, pl_module.kind, data.max_length)
-        harness = Harness(
-            pl_module.model,
-            pl_module.tokenizer,
-            pl_module.kind,
-            encoder,
-            pl_module.recorder,
-            self.batch_size,
-            trainer.global_rank,
-            trainer.world_size,
-        )
+        harness = Harness.of_module(pl_module, data, self.batch_size, trainer.global_rank, trainer.world_size)
         was_training = pl_module.training
         pl_module.eval()
         recorder = pl_module.recorder

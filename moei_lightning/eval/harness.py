@@ -142,6 +142,25 @@ class Harness:
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
+    @classmethod
+    def of_module(
+        cls, module: Any, datamodule: Any, batch_size: int, rank: int = 0, world_size: int = 1, **kwargs: Any
+    ) -> Harness:
+        """The runner for a MoEIModule (``model``, ``tokenizer``, ``kind``, ``recorder``), with its DataModule's
+        prompt settings (``formatter``, ``max_length``), so records are read as training reads them."""
+        encoder = Encoder(module.tokenizer, datamodule.formatter, module.kind, datamodule.max_length)
+        kwargs.setdefault("recorder", module.recorder)
+        return cls(
+            module.model,
+            module.tokenizer,
+            module.kind,
+            encoder,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            **kwargs,
+        )
+
     def run(
         self, inputs: SuiteInputs, settings: Settings | None = None, progress: SuiteProgress | None = None
     ) -> Results:
