@@ -30,6 +30,14 @@ os.environ.setdefault("MOEI_CACHE", tempfile.mkdtemp(prefix="moei-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "data"))
+TINY = str(REPO / "conf" / "tiny.yaml")
+SAMPLES = REPO / "moei_lightning" / "data" / "samples"
+# Tests that run conf/tiny.yaml for what it does (fits, resumes, signals, DDP/FSDP), not for which model and data
+# the embedded default happens to name, pin both here: they stay small and fast when that default changes.
+PINNED = [
+    "--model.backbone.name_or_path=tiny-llama",
+    *(f"--data.{d}_{s}=[{SAMPLES / d / f'{s}.jsonl'}]" for d in ("ei", "gi") for s in ("train", "val", "test")),
+]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -47,6 +55,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared benchmark data not found at {SHARED_DATA} (set MOEI_SHARED_DATA to its folder)")
     return SHARED_DATA
+
+
+def one_per_task(split: str, directory: Path) -> dict[str, list[str]]:
+    """The first bundled record of every task of ``split``, written to ``directory``, as MoEIDataModule arguments
+    (``ei_val``/``gi_val`` for "val"): every task, aspect and domain in a few examples (val: 9 EI, 4 GI)."""
+    files = {}
+    for domain in ("ei", "gi"):
+        seen, lines = set(), []
+        for line in (SAMPLES / domain / f"{split}.jsonl").read_text().splitlines():
+            task = json.loads(line)["task"]
+            if task not in seen:
+                seen.add(task)
+                lines.append(line)
+        path = directory / f"{domain}-{split}-one-per-task.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        files[f"{domain}_{split}"] = [str(path)]
+    return files
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: subprocess fits, the files they leave, and config errors."""
+"""The command line: subprocess fits as a user runs them and the files they leave; config errors and help
+in-process (``main(args)`` parses, exits and prints exactly as the process does)."""
 
 import glob
 import os
@@ -8,12 +9,19 @@ import pytest
 import torch
 
 from moei_lightning.backbone import BackboneConfig, load_backbone
-from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, resolve_run_dir
+from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, main, resolve_run_dir
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import load_adapter
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, REPO, TINY, run_cli
+
+
+def exit_code(args: list[str]) -> int | str | None:
+    """``python -m moei_lightning ARGS`` in this process: the exit status it ends with."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
 
 
 @pytest.mark.slow
@@ -40,19 +48,21 @@ def test_fit_leaves_adapter_checkpoint_config_and_offline_wandb_run(config: str,
     wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert wandb_files and os.path.getsize(wandb_files[0]) > 0
 
-    exported = run_cli("export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr
+    main(["export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter")])
     model = load_adapter(backbone, tmp_path / "adapter")
     for key, tensor in checkpoint["state_dict"].items():
         assert torch.equal(model.get_parameter(key.removeprefix("model.")), tensor)
 
 
-def test_runs_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--print_config", cwd=tmp_path)
-    assert printed.returncode == 0, printed.stderr
-    assert not (tmp_path / "runs").exists()  # printing the config starts no run
+def test_runs_get_their_own_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    assert exit_code(["fit", "--config", TINY, "--print_config"]) in (0, None)
+    assert "seed_everything:" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # printing the config starts no run
+    assert RUN_DIR_ENV not in os.environ
     first = resolve_run_dir(None, "fit")
     assert resolve_run_dir(None, "fit") == first  # a DDP worker inherits its launcher's directory
     monkeypatch.delenv(RUN_DIR_ENV)
@@ -71,32 +81,24 @@ def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path)
     assert cli.datamodule.seed == cli.config.data.seed
 
 
-def test_bad_config_key_names_the_key(tmp_path: Path) -> None:
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.lambda_intr=1", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
+def test_bad_config_key_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["fit", "--config", TINY, "--model.lambda_intr=1"]) == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lambda_intr: 1\n")
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(typo), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
+    assert exit_code(["fit", "--config", TINY, "--config", str(typo)]) == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
 
 
-def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
+def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     good = '{"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}'
     bad.write_text(good + "\n" + good.replace("perception", "telepathy") + "\n")
-    result = run_cli(
-        "fit",
-        "--config",
-        str(REPO / "conf" / "tiny.yaml"),
-        f"--data.ei_train=[{bad}]",
-        f"--run_dir={tmp_path}/r",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert f"{bad}:2" in result.stderr and "aspect" in result.stderr
-    assert "Traceback" not in result.stderr
+    args = ["fit", "--config", TINY, *PINNED, f"--data.ei_train=[{bad}]", "--trainer.logger=false"]
+    assert exit_code([*args, f"--run_dir={tmp_path}/r"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "aspect" in err
+    assert "Traceback" not in err
 
 
 def wandb_runs(run_dir: Path) -> list[str]:
@@ -107,7 +109,7 @@ def wandb_runs(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_lines(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    common = ["--config", str(REPO / "conf" / "tiny.yaml"), "--trainer.limit_train_batches=2"]
+    common = ["--config", TINY, *PINNED, "--trainer.limit_train_batches=2"]
     common += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     common += ["--progress_bar.lines_every_n_steps=1"]
     first = run_cli("fit", *common, "--trainer.max_epochs=1", f"--run_dir={run_dir}", cwd=tmp_path)
@@ -152,17 +154,20 @@ def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkey
         experiment.finish()
 
 
+@pytest.mark.slow
 def test_misspelt_key_is_one_line_with_the_closest_key(tmp_path: Path) -> None:
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.molora.num_expert=2", cwd=tmp_path)
+    """The whole stderr of the process, imports included, is the one line (the message itself is checked
+    in-process above)."""
+    result = run_cli("fit", "--config", TINY, "--model.molora.num_expert=2", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
     ]
 
 
-def test_help_names_the_program_and_every_command(tmp_path: Path) -> None:
-    result = run_cli("--help", cwd=tmp_path)
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: python -m moei_lightning")
+def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["--help"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m moei_lightning")
     for command in ("fit", "validate", "test", "predict", "export", "generate"):
-        assert f"\n    {command} " in result.stdout, command
+        assert f"\n    {command} " in out, command
