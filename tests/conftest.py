@@ -32,10 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "data"))
 TINY = str(REPO / "conf" / "tiny.yaml")
 SAMPLES = REPO / "moei_lightning" / "data" / "samples"
-# Tests that run conf/tiny.yaml for what it does (fits, resumes, signals, DDP/FSDP), not for which model and data
-# the embedded default happens to name, pin both here: they stay small and fast when that default changes.
+# Tests that run conf/tiny.yaml for what it does (fits, resumes, signals, DDP/FSDP), not for the embedded default's
+# model, adapted layers and data, pin these here: the small random tiny-llama with the family's default targets
+# (q_proj, v_proj) on the small bundled samples, so they stay fast when the default changes.
 PINNED = [
     "--model.backbone.name_or_path=tiny-llama",
+    "--model.molora.target_modules=null",
     *(f"--data.{d}_{s}=[{SAMPLES / d / f'{s}.jsonl'}]" for d in ("ei", "gi") for s in ("train", "val", "test")),
 ]
 

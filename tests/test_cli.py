@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moei_lightning.backbone import BackboneConfig, load_backbone
-from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, main, resolve_run_dir
+from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, main, register_resolvers, resolve_run_dir
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
@@ -73,6 +74,7 @@ def test_runs_get_their_own_directories(
 @pytest.mark.parametrize("mode", ["omegaconf", "omegaconf+"])
 def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path) -> None:
     args = ["--config", str(REPO / "conf" / "tiny.yaml"), "--seed_everything=7", f"--run_dir={tmp_path}"]
+    register_resolvers()  # what main() does first: the file names its data with ${samples:...}
     cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": mode})
     assert cli.config.seed_everything == 7
     # omegaconf resolves ${seed_everything} when the file is read, before the override;
@@ -142,8 +144,9 @@ def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_line
 
 def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = ["--config", str(REPO / "conf" / "tiny.yaml"), f"--run_dir={tmp_path}"]
+    args = ["--config", TINY, f"--run_dir={tmp_path}"]
     args.append("--model.optimizer.init_args.lr=0.01")
+    register_resolvers()
     cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
     (tmp_path / "config.yaml").write_text("seed_everything: 42\n")
     MoEISaveConfig(cli.parser, cli.config).save_config(cli.trainer, cli.model, "fit")
@@ -151,7 +154,8 @@ def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkey
     try:
         config = experiment.config.as_dict()
         assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01
-        assert config["trainer"]["max_epochs"] == 3 and config["data"]["batch_size"] == 8
+        in_file = yaml.safe_load(Path(TINY).read_text())["trainer"]["max_epochs"]
+        assert config["trainer"]["max_epochs"] == in_file and config["data"]["batch_size"] == 8  # file, code default
         assert (Path(experiment.dir) / "lightning_config.yaml").read_text() == "seed_everything: 42\n"
     finally:
         experiment.finish()
