@@ -16,7 +16,7 @@ from moei_lightning.eval.scoring import ChoiceScores
 from moei_lightning.eval.text_metrics import score_generations
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
-from tests.conftest import ThreadWorld
+from tests.conftest import ThreadWorld, one_per_task
 
 POLARITY = ["positive", "negative", "neutral"]
 REPLIES = ["i am so sorry to hear that", "that sounds really hard for you"]
@@ -110,26 +110,28 @@ def test_task_without_records_is_left_out() -> None:
     assert values["val/gi/avg"] == pytest.approx(100 * 2 / 3)
 
 
-def _module() -> tuple[MoEIModule, MoEIDataModule]:
+def _module(val_files: dict[str, list[str]]) -> tuple[MoEIModule, MoEIDataModule]:
     torch.manual_seed(0)
     module = MoEIModule(backbone=BackboneConfig(name_or_path="tiny-llama"), molora=MoLoRAConfig(num_experts=4, rank=8))
     module.configure_model()
     module.eval()
-    datamodule = MoEIDataModule(max_length=256, eval_batch_size=16)
+    datamodule = MoEIDataModule(max_length=256, eval_batch_size=16, **val_files)
     datamodule.attach(module.tokenizer, module.kind)
     datamodule.setup("validate")
     return module, datamodule
 
 
-def test_callback_sharded_path_gives_the_one_process_rows_with_equal_calls() -> None:
+def test_callback_sharded_path_gives_the_one_process_rows_with_equal_calls(tmp_path: Path) -> None:
     """Two ranks (threads sharing an all-gather) split the forwards evenly and both get the one-rank rows."""
-    module, datamodule = _module()
-    callback = EiMetricsCallback(max_new_tokens=4, choice_batch_size=8, generation_batch_size=4)
+    val_files = one_per_task("val", tmp_path)
+    module, datamodule = _module(val_files)
+    assert len(datamodule.examples("val")) == 13
+    callback = EiMetricsCallback(max_new_tokens=4, choice_batch_size=8, generation_batch_size=2)
     callback.setup(type("T", (), {"datamodule": datamodule, "callbacks": []})(), module, "validate")
     single = callback.score(module, datamodule, "val", 0, 1, lambda obj, world_size: [obj])
 
     world = ThreadWorld(2)
-    modules = [_module()[0] for _ in range(2)]
+    modules = [_module(val_files)[0] for _ in range(2)]
     calls = [0, 0]
     for rank, m in enumerate(modules):
         m.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))

@@ -19,7 +19,7 @@ from moei_lightning.callbacks.stats_files import ROUTER_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig, RoutingRecord
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, TINY, one_per_task, run_cli
 
 GROUPS = ("ei", "gi", "perception", "cognition", "expression")
 
@@ -70,8 +70,10 @@ def _tiny_module() -> MoEIModule:
 
 @pytest.fixture(scope="module")
 def offline_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """One tiny fit, logged to an offline W&B run and to an in-memory W&B run at once."""
+    """One tiny fit, logged to an offline W&B run and to an in-memory W&B run at once; validation on one record
+    per task (every domain and aspect, one batch)."""
     run_dir = tmp_path_factory.mktemp("offline-fit")
+    val_files = one_per_task("val", run_dir)
     memory = RecordingRun()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
@@ -87,7 +89,8 @@ def offline_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             callbacks=[RouterStatsCallback()],
             default_root_dir=run_dir,
         )
-        trainer.fit(_tiny_module(), MoEIDataModule(batch_size=8, gi_ratio=0.25, max_length=256, eval_batch_size=16))
+        data = MoEIDataModule(batch_size=8, gi_ratio=0.25, max_length=256, eval_batch_size=16, **val_files)
+        trainer.fit(_tiny_module(), data)
         wandb.finish()
     return SimpleNamespace(run_dir=run_dir, logged=memory.logged, layers=4)
 
@@ -150,9 +153,10 @@ def test_offline_wandb_run_and_local_rows_match_the_logger(offline_fit: SimpleNa
 
 
 def _fit_rows(tmp_path: Path, name: str, *args: str) -> list[dict]:
-    common = ["fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--trainer.max_epochs=1"]
+    common = ["fit", "--config", TINY, *PINNED, "--trainer.max_epochs=1"]
     common += ["--trainer.limit_train_batches=4", "--trainer.log_every_n_steps=2", "--trainer.logger=false"]
     common += ["--ei_metrics.stages=[]", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"]
+    common += [f"--data.{split}=[{path}]" for split, (path,) in one_per_task("val", tmp_path).items()]
     result = run_cli(*common, *args, f"--run_dir={tmp_path / name}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_rows(tmp_path / name, ROUTER_FILE)
@@ -160,7 +164,8 @@ def _fit_rows(tmp_path: Path, name: str, *args: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_ddp_gathers_both_ranks_and_logs_once_per_step(tmp_path: Path) -> None:
-    # One rank with batch 8 sees at every step the examples two ranks with batch 4 see (data/sampling.py).
+    # One rank with batch 8 sees at every step the examples two ranks with batch 4 see (data/sampling.py);
+    # validation: one record per task, 13 in all, split unevenly over the two ranks.
     two = _fit_rows(tmp_path, "two", "--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=4")
     one = _fit_rows(tmp_path, "one", "--data.batch_size=8")
 

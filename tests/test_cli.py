@@ -1,4 +1,5 @@
-"""The command line as a user runs it: subprocess fits, the files they leave, and config errors."""
+"""The command line: subprocess fits as a user runs them and the files they leave; config errors and help
+in-process (``main(args)`` parses, exits and prints exactly as the process does)."""
 
 import glob
 import os
@@ -6,14 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moei_lightning.backbone import BackboneConfig, load_backbone
-from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, resolve_run_dir
+from moei_lightning.cli import RUN_DIR_ENV, MoEICLI, MoEISaveConfig, main, register_resolvers, resolve_run_dir
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import load_adapter
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, REPO, TINY, run_cli
+
+
+def exit_code(args: list[str]) -> int | str | None:
+    """``python -m moei_lightning ARGS`` in this process: the exit status it ends with."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
 
 
 @pytest.mark.slow
@@ -40,19 +49,21 @@ def test_fit_leaves_adapter_checkpoint_config_and_offline_wandb_run(config: str,
     wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert wandb_files and os.path.getsize(wandb_files[0]) > 0
 
-    exported = run_cli("export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr
+    main(["export", str(run_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter")])
     model = load_adapter(backbone, tmp_path / "adapter")
     for key, tensor in checkpoint["state_dict"].items():
         assert torch.equal(model.get_parameter(key.removeprefix("model.")), tensor)
 
 
-def test_runs_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--print_config", cwd=tmp_path)
-    assert printed.returncode == 0, printed.stderr
-    assert not (tmp_path / "runs").exists()  # printing the config starts no run
+def test_runs_get_their_own_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    assert exit_code(["fit", "--config", TINY, "--print_config"]) in (0, None)
+    assert "seed_everything:" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # printing the config starts no run
+    assert RUN_DIR_ENV not in os.environ
     first = resolve_run_dir(None, "fit")
     assert resolve_run_dir(None, "fit") == first  # a DDP worker inherits its launcher's directory
     monkeypatch.delenv(RUN_DIR_ENV)
@@ -63,6 +74,7 @@ def test_runs_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("mode", ["omegaconf", "omegaconf+"])
 def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path) -> None:
     args = ["--config", str(REPO / "conf" / "tiny.yaml"), "--seed_everything=7", f"--run_dir={tmp_path}"]
+    register_resolvers()  # what main() does first: the file names its data with ${samples:...}
     cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": mode})
     assert cli.config.seed_everything == 7
     # omegaconf resolves ${seed_everything} when the file is read, before the override;
@@ -71,32 +83,27 @@ def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path)
     assert cli.datamodule.seed == cli.config.data.seed
 
 
-def test_bad_config_key_names_the_key(tmp_path: Path) -> None:
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.lambda_intr=1", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
+def test_bad_config_key_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["fit", "--config", TINY, "--model.lambda_intr=1"]) == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lambda_intr: 1\n")
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(typo), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in result.stderr
+    assert exit_code(["fit", "--config", TINY, "--config", str(typo)]) == 2
+    assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
+    assert exit_code(["fit", "--config", TINY, "--model.molora.num_expert=2"]) == 2
+    hint = "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
+    assert capsys.readouterr().err.strip().splitlines() == [hint]
 
 
-def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path) -> None:
+def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     good = '{"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}'
     bad.write_text(good + "\n" + good.replace("perception", "telepathy") + "\n")
-    result = run_cli(
-        "fit",
-        "--config",
-        str(REPO / "conf" / "tiny.yaml"),
-        f"--data.ei_train=[{bad}]",
-        f"--run_dir={tmp_path}/r",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert f"{bad}:2" in result.stderr and "aspect" in result.stderr
-    assert "Traceback" not in result.stderr
+    args = ["fit", "--config", TINY, *PINNED, f"--data.ei_train=[{bad}]", "--trainer.logger=false"]
+    assert exit_code([*args, f"--run_dir={tmp_path}/r"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "aspect" in err
+    assert "Traceback" not in err
 
 
 def wandb_runs(run_dir: Path) -> list[str]:
@@ -107,7 +114,7 @@ def wandb_runs(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_lines(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    common = ["--config", str(REPO / "conf" / "tiny.yaml"), "--trainer.limit_train_batches=2"]
+    common = ["--config", TINY, *PINNED, "--trainer.limit_train_batches=2"]
     common += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     common += ["--progress_bar.lines_every_n_steps=1"]
     first = run_cli("fit", *common, "--trainer.max_epochs=1", f"--run_dir={run_dir}", cwd=tmp_path)
@@ -137,8 +144,9 @@ def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_line
 
 def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = ["--config", str(REPO / "conf" / "tiny.yaml"), f"--run_dir={tmp_path}"]
+    args = ["--config", TINY, f"--run_dir={tmp_path}"]
     args.append("--model.optimizer.init_args.lr=0.01")
+    register_resolvers()
     cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
     (tmp_path / "config.yaml").write_text("seed_everything: 42\n")
     MoEISaveConfig(cli.parser, cli.config).save_config(cli.trainer, cli.model, "fit")
@@ -146,23 +154,26 @@ def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkey
     try:
         config = experiment.config.as_dict()
         assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01
-        assert config["trainer"]["max_epochs"] == 3 and config["data"]["batch_size"] == 8
+        in_file = yaml.safe_load(Path(TINY).read_text())["trainer"]["max_epochs"]
+        assert config["trainer"]["max_epochs"] == in_file and config["data"]["batch_size"] == 8  # file, code default
         assert (Path(experiment.dir) / "lightning_config.yaml").read_text() == "seed_everything: 42\n"
     finally:
         experiment.finish()
 
 
+@pytest.mark.slow
 def test_misspelt_key_is_one_line_with_the_closest_key(tmp_path: Path) -> None:
-    result = run_cli("fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--model.molora.num_expert=2", cwd=tmp_path)
+    """The whole stderr of the process, imports included, is that one line."""
+    result = run_cli("fit", "--config", TINY, "--model.molora.num_expert=2", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
     ]
 
 
-def test_help_names_the_program_and_every_command(tmp_path: Path) -> None:
-    result = run_cli("--help", cwd=tmp_path)
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: python -m moei_lightning")
+def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["--help"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m moei_lightning")
     for command in ("fit", "validate", "test", "predict", "export", "generate"):
-        assert f"\n    {command} " in result.stdout, command
+        assert f"\n    {command} " in out, command

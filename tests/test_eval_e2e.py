@@ -14,7 +14,7 @@ from moei_lightning.callbacks.stats_files import METRICS_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.module import MoEIModule
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, REPO, run_cli
 
 TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emotion_prompt"}
 SUITE_LABELS = {"EI", "GI", "EQ-Bench v2", "EmoBench", "EmotionPrompt"}
@@ -27,6 +27,7 @@ def eval_args(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
         str(REPO / "conf" / "tiny.yaml"),
         "--config",
         str(REPO / "conf" / "eval" / "tiny.yaml"),
+        *PINNED,
         f"--eval.eqbench_questions={shared_data / 'eq-bench' / 'eq_bench_v2_questions_171.json'}",
         f"--eval.emobench_dir={shared_data / 'emobench'}",
         f"--run_dir={run_dir}",

@@ -24,9 +24,8 @@ from moei_lightning.module import check_settings
 from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molora, load_adapter, save_adapter
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.strategies import read_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, TINY, run_cli
 
-TINY = str(REPO / "conf" / "tiny.yaml")
 RECORD = {"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}
 
 
@@ -287,7 +286,7 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
 
 def test_unmatched_target_modules_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", TINY, "--model.molora.target_modules=[nope]", "--trainer.logger=false"]
+    args = ["fit", "--config", TINY, *PINNED, "--model.molora.target_modules=[nope]", "--trainer.logger=false"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2
@@ -349,6 +348,7 @@ def test_predict_writes_predictions_jsonl_from_a_prompt_file(tmp_path):
             "predict",
             "--config",
             TINY,
+            *PINNED,
             f"--data.predict={prompts}",
             "--model.max_new_tokens=4",
             "--trainer.logger=false",
@@ -372,7 +372,8 @@ EVERY_2_STEPS = (
 def fit_args(tmp_path: Path, *extra: str) -> list[str]:
     config = tmp_path / "every-2.yaml"
     config.write_text(EVERY_2_STEPS)
-    return ["fit", "--config", TINY, "--config", str(config), "--trainer.logger=false", "--model.molora.dropout=0.1"]
+    args = ["fit", "--config", TINY, *PINNED, "--config", str(config)]
+    return [*args, "--trainer.logger=false", "--model.molora.dropout=0.1"]
 
 
 def callback_arg(class_path: str, **init_args: int) -> str:

@@ -10,7 +10,7 @@ from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
-from tests.conftest import REPO, run_cli
+from tests.conftest import PINNED, TINY, run_cli
 
 
 class LossHistory(Callback):
@@ -21,18 +21,19 @@ class LossHistory(Callback):
         self.losses.setdefault(trainer.current_epoch, []).append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
+@pytest.mark.parametrize("preset", ["tiny-llama", pytest.param("tiny-t5", marks=pytest.mark.slow)])
 def test_loss_goes_down_and_backbone_is_untouched(preset: str, tmp_path: Path) -> None:
+    """Three epochs of 5 steps over 30 EI (+30 GI) records: the same records every epoch, as in a full run."""
     seed_everything(0)
     module = MoEIModule(
         backbone=BackboneConfig(name_or_path=preset),
         molora=MoLoRAConfig(num_experts=4, rank=8, dropout=0.0),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         warmup_steps=2,
     )
     module.configure_model()
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-    data = MoEIDataModule(batch_size=8, gi_ratio=0.25, max_length=256)
+    data = MoEIDataModule(batch_size=8, gi_ratio=0.25, max_length=256, max_train_examples=30)
     history = LossHistory()
     trainer = Trainer(
         accelerator="cpu",
@@ -45,8 +46,9 @@ def test_loss_goes_down_and_backbone_is_untouched(preset: str, tmp_path: Path) -
         default_root_dir=tmp_path,
     )
     trainer.fit(module, data)
+    assert [len(history.losses[e]) for e in (0, 1, 2)] == [5, 5, 5]
     first, last = (sum(history.losses[e]) / len(history.losses[e]) for e in (0, 2))
-    assert last < first - 0.3, (first, last)  # deterministic under the seed; the drop seen is 0.5 to 0.9
+    assert last < first - 0.3, (first, last)  # deterministic under the seed; the drop seen is 0.78 (llama), 0.96 (t5)
     for name, param in module.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name
@@ -59,7 +61,7 @@ def test_resume_mid_epoch_ends_with_the_same_adapters(tmp_path: Path) -> None:
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {every_n_train_steps: 4, save_top_k: -1, filename: '{step}'}\n"
     )
-    common = ["fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(every_4_steps)]
+    common = ["fit", "--config", TINY, *PINNED, "--config", str(every_4_steps)]
     common += ["--trainer.max_steps=8", "--trainer.logger=false", "--model.molora.dropout=0.1"]
     whole = run_cli(*common, f"--run_dir={tmp_path}/whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
