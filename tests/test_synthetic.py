@@ -75,6 +75,7 @@ def _accuracy(model, encoder, domain):
     return {aspect: sum(h) / len(h) for aspect, h in hits.items()}, sum(map(sum, hits.values())) / len(records)
 
 
+@pytest.mark.slow  # scores 600 records x 4 choices
 def test_shipped_preset_loads_offline_and_knows_gi_but_not_ei(preset, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, encoder = preset
