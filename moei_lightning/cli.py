@@ -445,7 +445,10 @@ def quiet_known_noise(subcommand: str) -> None:
 def register_resolvers() -> None:
     """``${samples:synthetic/ei/train.jsonl}`` in a config names a bundled sample file wherever the package is."""
     if not OmegaConf.has_resolver("samples"):
-        OmegaConf.register_new_resolver("samples", lambda path: str(SAMPLES_DIR / path))
+        # omegaconf 2.4 deprecates register_new_resolver for register_resolver (in 2.3 the legacy API)
+        new_api = hasattr(OmegaConf, "legacy_register_resolver")
+        register = OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver
+        register("samples", lambda path: str(SAMPLES_DIR / path))
 
 
 def main(args: list[str] | None = None) -> MoEICLI | None:
