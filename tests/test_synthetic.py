@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moei_lightning import backbone
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, Encoder, PromptFormatter, load_records
 from moei_lightning.data.synthetic import EI_TASKS, SYNTHETIC_DIR, gi_corpus, write_splits
@@ -86,3 +87,15 @@ def test_shipped_preset_loads_offline_and_knows_gi_but_not_ei(preset, monkeypatc
     assert gi >= 0.90 and min(gi_aspects.values()) >= 0.85, gi_aspects
     _, ei = _accuracy(model, encoder, "ei")
     assert abs(ei - 0.25) <= 0.05, ei
+
+
+def test_missing_shipped_files_say_how_to_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setitem(backbone.SHIPPED_PRESETS, "tiny-llama-gi", tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="build_tiny_gi"):
+        load_tokenizer(BackboneConfig(name_or_path="tiny-llama-gi"))
+
+
+def test_random_presets_tokenizer_corpus_ignores_the_synthetic_data():
+    corpus = set(backbone._tokenizer_corpus())
+    synthetic = load_records([SYNTHETIC_DIR / "ei" / "val.jsonl"])
+    assert not any(record.input in corpus for record in synthetic)
