@@ -48,6 +48,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m moei_lightning ARGS`` as a user runs it, importing this checkout, with W&B offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("MOEI_RUN_DIR", None)
+    for key in [k for k in env if k.startswith(("WANDB_SERVICE", "_WANDB"))]:
+        env.pop(key)  # a W&B service an in-process test started would hold the child's runs (run ID in use)
     return subprocess.run(
         [sys.executable, "-m", "moei_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
