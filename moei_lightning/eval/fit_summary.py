@@ -11,7 +11,6 @@ and on GI prompts, and the trainable parameter count. It prints the table, write
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from moei_lightning.data import EiRecord
-from moei_lightning.eval.harness import Harness
+from moei_lightning.eval.harness import Harness, Results
 from moei_lightning.eval.scorer import ALL, record_items, score_rows
 from moei_lightning.sharding import root_parameters_gathered
 
@@ -39,7 +38,7 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
     ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
-    outcomes = harness.choices(record_items(choice), "summary", _Tally())
+    outcomes = harness.choices(record_items(choice), "summary", Results())
     rows = score_rows(outcomes, [])
     gates = harness.gates(choice)
     gate_values: dict[str, list[float]] = {"ei": [], "gi": []}
@@ -58,14 +57,6 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
         summary[f"n_{domain}"] = sum(counts.values())
         summary[f"counts_{domain}"] = {group: counts[group] for group in groups}
     return summary
-
-
-class _Tally:
-    """The truncation counters ``Harness.choices`` updates (the summary reports no truncation)."""
-
-    def __init__(self) -> None:
-        self.truncated: dict[str, int] = defaultdict(int)
-        self.scored: dict[str, int] = defaultdict(int)
 
 
 class FitSummary(Callback):
