@@ -19,8 +19,10 @@ router and gate rows). All variants start from the same random backbone, see the
 EI and one GI sequence, the second right-padded by an eighth, the first half of each sequence
 prompt, the rest target), use dropout ``--dropout`` and AdamW over their trainable tensors. They
 run round-robin in one process, the order rotated every repeat, so machine noise hits all alike;
-the table gives medians, minima, the spread ``(max - min) / median`` (ratios that differ by less
-are not resolved by the run) and ratios against PEFT's LoRA.
+the table gives medians, minima, the spread ``(max - min) / median`` and ratios against PEFT's
+LoRA: of the medians, of the minima, and paired (each round's time over PEFT's time in the same
+round, median and interquartile range over rounds). The paired ratio cancels the load changes that
+a shared machine spreads over a run; its interquartile range says which differences the run resolves.
 
 Memory: ``saved MiB`` is what autograd keeps for the backward (unique storages of the saved
 tensors), on any device; on CUDA ``peak MiB`` is the allocator's peak during a step above what
@@ -250,6 +252,19 @@ def timed_ms(step: Callable[[], Any], device: str, clock: str) -> float:
     return (now() - start) * 1e3
 
 
+def paired_ratios(times: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Quartiles (25 %, median, 75 %) of the per-round ratios ``times[i] / reference[i]``.
+
+    Both were timed in the same round, a few seconds apart, so a load change between rounds
+    scales both and cancels in the ratio.
+    """
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return low, mid, high
+
+
 def cuda_peak_bytes(step: Callable[[], Any]) -> int:
     """The allocator's peak during one step, above what was allocated before it."""
     torch.cuda.synchronize()
@@ -333,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{args.repeats} repeats, {args.clock} clock, ratios against {reference}")
     header = (
-        f"| variant | median ms | min ms | spread | x {reference} (median) | x (min) | "
+        f"| variant | median ms | min ms | spread | x {reference} (median) | x (min) | x (paired) | paired IQR | "
         f"saved MiB | {'peak MiB | ' if peak else ''}state MiB |"
     )
     print(header)
@@ -341,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = int(batch["attention_mask"].sum())
     for name in names:
         spread = (max(samples[name]) - best[name]) / median[name]
+        low, paired, high = paired_ratios(samples[name], samples[reference])
         peak_cell = f"{peak[name] / 2**20:.0f} | " if peak else ""
         print(
             f"| {name} | {median[name]:.1f} | {best[name]:.1f} | {spread:.1%} | "
             f"{median[name] / median[reference]:.3f} | {best[name] / best[reference]:.3f} | "
+            f"{paired:.3f} | {low:.3f}-{high:.3f} | "
             f"{saved[name] / 2**20:.0f} | {peak_cell}{variants[name].state_bytes() / 2**20:.1f} |"
         )
     print("\ntokens/s (real tokens, median): " + ", ".join(f"{n} {tokens / median[n] * 1e3:,.0f}" for n in names))

@@ -23,4 +23,7 @@ def test_train_step_benchmark_smoke(capsys: pytest.CaptureFixture) -> None:
     assert [name for name in rows if name != "variant"] == expected
     assert "token" in routings and len(routings) >= 2
     assert float(rows["peft_lora_r8"][3]) == 1.0  # ratios are against PEFT's LoRA
+    assert float(rows["peft_lora_r8"][5]) == 1.0  # paired: each round against PEFT's time in that round
+    assert rows["peft_lora_r8"][6].strip() == "1.000-1.000"
+    assert benchmark.paired_ratios([2.0, 3.0, 8.0], [1.0, 2.0, 4.0]) == (1.75, 2.0, 2.0)
     assert all(float(cells[0]) > 0 for name, cells in rows.items() if name != "variant")
