@@ -231,8 +231,8 @@ def test_fsdp2_checkpoint_holds_adapters_only_and_reproduces_validation_loss(
     assert_close(checkpoint["state_dict"], adapters(one_process / "checkpoints" / "step=4.ckpt"))
     assert_backbone_unchanged(fsdp2_run, fresh_backbone_digest)
 
-    hparams = checkpoint["hyper_parameters"]
-    module = MoEIModule(backbone=BackboneConfig(**hparams["backbone"]), molora=MoLoRAConfig(**hparams["molora"]))
+    # the run's settings, loss weights included (LightningCLI adds a private `_instantiator` entry)
+    module = MoEIModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
     data = MoEIDataModule(ei_val=[val_files[0]], gi_val=[val_files[1]], eval_batch_size=1, max_length=256)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(module, data, ckpt_path=str(checkpoint_path), verbose=False)
