@@ -231,8 +231,9 @@ def test_fsdp2_checkpoint_holds_adapters_only_and_reproduces_validation_loss(
     assert_close(checkpoint["state_dict"], adapters(one_process / "checkpoints" / "step=4.ckpt"))
     assert_backbone_unchanged(fsdp2_run, fresh_backbone_digest)
 
-    # the run's settings, loss weights included (LightningCLI adds a private `_instantiator` entry)
-    module = MoEIModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+    hparams = dict(checkpoint["hyper_parameters"])  # the run's settings, loss weights included
+    hparams.pop("_instantiator", None)  # LightningCLI's entry, not an argument (as cli.py drops it)
+    module = MoEIModule(**hparams)
     data = MoEIDataModule(ei_val=[val_files[0]], gi_val=[val_files[1]], eval_batch_size=1, max_length=256)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(module, data, ckpt_path=str(checkpoint_path), verbose=False)
