@@ -11,10 +11,19 @@ Learning rates: each method tries its grid (``LR_GRID``) with the first seed; th
 validation score, the mean of EI and GI validation accuracy, is kept for every seed (the test split
 is never used to choose). ``--quick`` runs one seed at each grid's first rate, without the search,
 and scores the test split only.
-``--jobs N`` runs N fits at once, each in its own process with one thread.
+``--no-search`` keeps every grid's first rate (the config's own) for every seed.
+
+Thread counts: a fit's numbers depend on how many threads sum its matrix products, so every run
+records its count and ``--threads 1 2`` runs every seed at each count (default: torch's default,
+what a user's machine gives). ``--jobs N`` runs N fits at once, each in its own process.
+
+Training health: every run's worst loss-window ratio and its inter gate on GI prompts after it
+shut (the ``health`` section of ``summary.json``); the figure beside the results shows every MoEI
+run's gate trajectory.
 
     python benchmarks/both_matter.py --jobs 2              # 3 seeds, learning-rate search: ~30 min on 2 cores
     python benchmarks/both_matter.py --quick --jobs 2      # 1 seed, no search: about 5 minutes on 2 cores
+    python benchmarks/both_matter.py --methods moei lora --seeds 5 --threads 1 2 --no-search --jobs 2
     python benchmarks/both_matter.py --out results.json --figure both_matter.png
 """
 
@@ -32,6 +41,40 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+SPIKE_RATIO = 2.0  # a 25-step window's mean loss above this multiple of the previous window's is a spike
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (the interval of a mean over seeds).
+T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 METHODS: dict[str, list[str]] = {
     "full": ["--model.adapter=full"],
@@ -67,15 +110,18 @@ QUIET = [
 
 
 def fit(
-    config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: list[str], splits: list[str]
+    config: Path, method: str, lr: float, seed: int, run_dir: Path, extra: list[str], splits: list[str], threads: int
 ) -> dict[str, Any]:
-    """One fit through the project's CLI; its summary.json (scored on ``splits``) plus the wall time.
+    """One fit through the project's CLI on ``threads`` threads; its summary.json (scored on ``splits``), wall time.
 
     A run directory that already holds a finished fit's ``summary.json`` with those splits is read
     instead, so an interrupted benchmark continues where it stopped.
     """
+    import torch
+
     from moei_lightning.cli import RUN_DIR_ENV, main
 
+    torch.set_num_threads(threads)
     done = run_dir / "summary.json"
     if done.is_file():
         summary = json.loads(done.read_text())
@@ -102,7 +148,7 @@ def fit(
         sys.argv = argv
     wall = time.perf_counter() - start
     summary = json.loads(done.read_text())
-    summary["wall_s"] = wall
+    summary["wall_s"], summary["threads"] = wall, threads
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -114,49 +160,62 @@ def validation_score(summary: dict[str, Any]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Phase 1: each method's grid on the first seed (or its first rate with --quick); phase 2: the other seeds."""
+    """Phase 1: each method's grid on the first seed and thread count; phase 2: every other seed and thread count."""
     work = Path(args.work_dir)
     seeds = list(range(args.seeds))
-    grids = {m: LR_GRID[m][:1] if args.quick else LR_GRID[m] for m in args.methods}
-    jobs = [(m, lr, seeds[0]) for m in args.methods for lr in grids[m]]
+    first = (seeds[0], args.threads[0])
+    grids = {m: LR_GRID[m][:1] if args.quick or args.no_search else LR_GRID[m] for m in args.methods}
+    jobs = [(m, lr, *first) for m in args.methods for lr in grids[m]]
     done = dict(zip(jobs, fit_all(args, jobs, work)))
-    chosen = {m: grids[m][0] for m in args.methods if len(grids[m]) == 1}  # --quick: nothing to choose
+    chosen = {m: grids[m][0] for m in args.methods if len(grids[m]) == 1}  # nothing to choose
     for method in args.methods:
         if method in chosen:
             continue
         for lr in grids[method]:
-            print(f"[{method}] lr {lr:g}: validation score {validation_score(done[method, lr, seeds[0]]):.2f}")
-        chosen[method] = max(grids[method], key=lambda lr, m=method: validation_score(done[m, lr, seeds[0]]))
-    rest = [(m, chosen[m], seed) for m in args.methods for seed in seeds[1:]]
+            print(f"[{method}] lr {lr:g}: validation score {validation_score(done[(method, lr, *first)]):.2f}")
+        chosen[method] = max(grids[method], key=lambda lr, m=method: validation_score(done[(m, lr, *first)]))
+    runs = [(seed, threads) for threads in args.threads for seed in seeds]
+    rest = [(m, chosen[m], *run) for m in args.methods for run in runs if run != first]
     done.update(zip(rest, fit_all(args, rest, work)))
-    results: dict[str, Any] = {"config": str(args.config), "seeds": seeds, "methods": {}}
+    results: dict[str, Any] = {
+        "config": str(args.config),
+        "seeds": seeds,
+        "threads": args.threads,
+        "torch_default_threads": args.default_threads,
+        "methods": {},
+    }
     for method in args.methods:
-        per_seed = [done[method, chosen[method], seed] for seed in seeds]
-        tests = [s["splits"]["test"] for s in per_seed]
+        per_run = [done[(method, chosen[method], *run)] for run in runs]
+        tests = [s["splits"]["test"] for s in per_run]
         results.setdefault("base", _base(tests[0]["before"]))
         results["methods"][method] = {
             "lr": chosen[method],
             "lr_grid": grids[method],
+            "runs": [{"seed": seed, "threads": threads} for seed, threads in runs],
             "ei": [t["after"]["ei"]["avg"] for t in tests],
             "gi": [t["after"]["gi"]["avg"] for t in tests],
             "gate_ei": [t["after"]["gate_ei"] for t in tests],
             "gate_gi": [t["after"]["gate_gi"] for t in tests],
             "ei_aspects": [_groups(t["after"]["ei"]) for t in tests],
             "gi_dimensions": [_groups(t["after"]["gi"]) for t in tests],
-            "trainable_parameters": per_seed[0]["trainable_parameters"],
-            "wall_s": [s.get("wall_s") for s in per_seed],
+            "health": [_health(s.get("health", {})) for s in per_run],
+            "trainable_parameters": per_run[0]["trainable_parameters"],
+            "wall_s": [s.get("wall_s") for s in per_run],
         }
     return results
 
 
-def fit_all(args: argparse.Namespace, jobs: list[tuple[str, float, int]], work: Path) -> list[dict[str, Any]]:
-    """Every (method, lr, seed) fit, ``args.jobs`` at a time, each in its own process."""
-    splits = ["test"] if args.quick else ["val", "test"]  # validation only chooses learning rates
-    calls = [(args.config, m, lr, seed, work / f"{m}-lr{lr:g}-s{seed}", args.extra, splits) for m, lr, seed in jobs]
+def fit_all(args: argparse.Namespace, jobs: list[tuple[str, float, int, int]], work: Path) -> list[dict[str, Any]]:
+    """Every (method, lr, seed, threads) fit, ``args.jobs`` at a time, each in its own process."""
+    splits = ["test"] if args.quick or args.no_search else ["val", "test"]  # validation only chooses learning rates
+    calls = [
+        (args.config, m, lr, seed, work / f"{m}-lr{lr:g}-s{seed}-t{threads}", args.extra, splits, threads)
+        for m, lr, seed, threads in jobs
+    ]
     if args.jobs <= 1:
         return [fit(*call) for call in calls]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         return list(pool.map(_fit_call, calls))
 
 
@@ -164,11 +223,16 @@ def _fit_call(call: tuple) -> dict[str, Any]:
     return fit(*call)
 
 
-def _one_thread() -> None:
-    """Parallel fits share the cores: one thread each, or they slow each other down many times over."""
-    import torch
-
-    torch.set_num_threads(1)
+def _health(health: dict[str, Any]) -> dict[str, Any]:
+    """What the table and the figure need from a run's health section."""
+    windows = health.get("windows", [])
+    return {
+        "worst_loss_ratio": health.get("worst_loss_ratio"),
+        "spikes": [s["step"] for s in health.get("spikes", [])],
+        "gate_gi_worst_after_shut": health.get("gate_gi_worst_after_shut"),
+        "gate_reopened": [e["step"] for e in health.get("gate_reopened", [])],
+        "trajectory": [[w["end_step"], w.get("gate_ei"), w.get("gate_gi")] for w in windows],
+    }
 
 
 def _base(before: dict[str, Any]) -> dict[str, Any]:
@@ -237,30 +301,91 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_table(results: dict[str, Any], method: str) -> str:
+    """One row per run (seed x threads): EI and GI change, the worst GI dimension, gates and training health."""
+    base, m = results["base"], results["methods"][method]
+    header = [
+        "seed",
+        "threads",
+        "ΔEI",
+        "ΔGI",
+        "worst GI dim",
+        "gate EI",
+        "gate GI",
+        "worst loss ratio",
+        "GI gate after shut",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run, ei, gi, dims, gate_ei, gate_gi, health in zip(
+        m["runs"], m["ei"], m["gi"], m["gi_dimensions"], m["gate_ei"], m["gate_gi"], m["health"]
+    ):
+        worst_dim = min(dims, key=lambda d: dims[d] - base["gi_dimensions"][d])
+        ratio, after_shut = health["worst_loss_ratio"], health["gate_gi_worst_after_shut"]
+        cells = [
+            str(run["seed"]),
+            str(run["threads"]),
+            f"{ei - base['ei']:+.1f}",
+            f"{gi - base['gi']:+.1f}",
+            f"{worst_dim} {dims[worst_dim] - base['gi_dimensions'][worst_dim]:+.1f}",
+            "n/a" if gate_ei is None else f"{gate_ei:.3f}",
+            "n/a" if gate_gi is None else f"{gate_gi:.3f}",
+            "n/a" if ratio is None else f"{ratio:.2f}",
+            "n/a" if after_shut is None else f"{after_shut:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its two-sided 95 % Student-t interval (the mean twice for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = T975[min(len(values) - 1, len(T975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The claim, checked: MoEI keeps GI on every seed and dimension, gains at least LoRA's EI, gates shut on GI."""
+    """The claim, checked on every run: MoEI keeps GI and every GI dimension, its gate shuts on GI and stays shut
+    (no loss spike), and it gains at least LoRA's EI (the paired difference with its 95 % interval)."""
     base, methods = results["base"], results["methods"]
     checks = []
     if "moei" in methods:
         moei = methods["moei"]
-        checks.append(("MoEI GI change >= -1.0 on every seed", all(g - base["gi"] >= -1.0 for g in moei["gi"])))
+        changes = [g - base["gi"] for g in moei["gi"]]
+        n = len(changes)
+        checks.append((f"MoEI GI change >= -1.0 in every run (worst {min(changes):+.1f} of {n})", min(changes) >= -1.0))
+        dims = [s[d] - base["gi_dimensions"][d] for s in moei["gi_dimensions"] for d in s]
+        checks.append(
+            (f"MoEI every GI dimension within 2 points in every run (worst {min(dims):+.1f})", min(dims) >= -2.0)
+        )
+        gates = [g for g in moei["gate_gi"] if g is not None]
+        checks.append((f"MoEI gate on GI <= 0.05 in every run (worst {max(gates):.3f})", max(gates) <= 0.05))
+        checks.append((f"MoEI mean gate on EI >= 0.9 ({_mean(moei['gate_ei']):.3f})", _mean(moei["gate_ei"]) >= 0.9))
+        ratios = [h["worst_loss_ratio"] or 0.0 for h in moei["health"]]
         checks.append(
             (
-                "MoEI every GI dimension within 2 points on every seed",
-                all(abs(s[d] - base["gi_dimensions"][d]) <= 2.0 for s in moei["gi_dimensions"] for d in s),
+                f"No loss spike in any MoEI run (worst window ratio {max(ratios):.2f} <= {SPIKE_RATIO:g})",
+                max(ratios) <= SPIKE_RATIO,
             )
         )
-        checks.append(("MoEI mean gate on GI <= 0.05", _mean(moei["gate_gi"]) <= 0.05))
-        checks.append(("MoEI mean gate on EI >= 0.9", _mean(moei["gate_ei"]) >= 0.9))
         if "lora" in methods:
+            lora = methods["lora"]
+            paired = [a - b for a, b in zip(moei["ei"], lora["ei"])]
+            mean, low, high = mean_interval(paired)
             checks.append(
-                ("MoEI EI gain >= LoRA EI gain (mean over seeds)", _mean(moei["ei"]) >= _mean(methods["lora"]["ei"]))
+                (
+                    f"MoEI EI gain >= LoRA EI gain (mean difference {mean:+.1f} points, 95 % interval "
+                    f"[{low:+.1f}, {high:+.1f}] over {len(paired)} paired runs)",
+                    mean >= 0.0,
+                )
             )
     return checks
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
-    """EI and GI change against the base per method, with one dot per seed."""
+    """Left: EI and GI change against the base per method, one dot per run. Right: every MoEI run's inter gate
+    on EI and GI prompts over training (means over the health windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +393,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
 
     base, methods = results["base"], results["methods"]
     names = list(methods)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, (ax, gates) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.38
     for offset, (domain, colour) in zip((-width / 2, width / 2), (("ei", "tab:red"), ("gi", "tab:blue"))):
         changes = [[v - base[domain] for v in methods[n][domain]] for n in names]
@@ -286,8 +411,19 @@ def figure(results: dict[str, Any], path: Path) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), [LABELS[n] for n in names], rotation=15)
     ax.set_ylabel("accuracy change vs backbone")
-    ax.set_title(f"EI gained and GI kept (base EI {base['ei']:.1f}, GI {base['gi']:.1f}; dots: seeds)")
+    ax.set_title(f"EI gained and GI kept (base EI {base['ei']:.1f}, GI {base['gi']:.1f}; dots: runs)")
     ax.legend(frameon=False)
+    for run, health in zip(methods.get("moei", {}).get("runs", []), methods.get("moei", {}).get("health", [])):
+        steps = [w[0] for w in health["trajectory"]]
+        style = "-" if run["threads"] == results["threads"][0] else "--"
+        for column, colour in ((1, "tab:red"), (2, "tab:blue")):
+            gates.plot(steps, [w[column] for w in health["trajectory"]], style, color=colour, alpha=0.5, linewidth=1)
+    gates.axhline(0.05, color="black", linewidth=0.6, linestyle=":")
+    gates.set_ylim(-0.02, 1.02)
+    gates.set_xlabel("training step")
+    gates.set_ylabel("mean inter gate (window)")
+    threads = " / ".join(f"{t} ({'solid' if i == 0 else 'dashed'})" for i, t in enumerate(results["threads"]))
+    gates.set_title(f"MoEI gate on EI (red) and GI (blue) prompts; threads {threads}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -304,17 +440,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("both_matter.json"), help="results JSON")
     parser.add_argument("--figure", type=Path, default=Path("both_matter.png"), help="figure path (PNG)")
     parser.add_argument("--work-dir", default="runs/both_matter", help="where the runs' directories go")
-    parser.add_argument("--jobs", type=int, default=1, help="fits at once, one process and one thread each")
+    parser.add_argument("--no-search", action="store_true", help="every grid's first rate for every seed")
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1, help="fits at once, each in its own process")
     parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = 1
+    import torch
+
+    args.default_threads = torch.get_num_threads()
+    args.threads = args.threads or [args.default_threads]
     start = time.perf_counter()
     results = run(args)
     results["wall_s"] = time.perf_counter() - start
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))
+    for method in results["methods"]:
+        print(f"\n{LABELS[method]}, every run:\n\n{run_table(results, method)}")
     print()
     for text, ok in targets(results):
         print(f"{'PASS' if ok else 'FAIL'}  {text}")

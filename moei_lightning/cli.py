@@ -243,9 +243,10 @@ class MoEICLI(LightningCLI):
             "--ckpt_path, else runs/<timestamp>-<subcommand>).",
         )
         # Router statistics, per-aspect metrics and the progress bar for every config (docs/monitoring.md).
-        from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback
+        from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback, TrainingHealth
 
         parser.add_lightning_class_args(RouterStatsCallback, "router_stats")
+        parser.add_lightning_class_args(TrainingHealth, "health")
         parser.add_lightning_class_args(EiMetricsCallback, "ei_metrics")
         parser.add_lightning_class_args(MoEIProgressBar, "progress_bar")
         # The paper's evaluation when `test` runs (docs/evaluation.md); it does nothing until eval.suites lists some.

@@ -36,7 +36,7 @@ from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_back
 from moei_lightning.errors import ConfigError, TrainingDiverged
 from moei_lightning.eval.distributed import local_map
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
-from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora
+from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora, parameter_roles
 from moei_lightning.sharding import gathered_root, shard_model
 from moei_lightning.strategies import clean_name
 
@@ -303,17 +303,28 @@ class MoEIModule(LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by role: ``experts``, ``router``, ``gate`` (MoLoRA) or ``backbone`` (full).
+
+        The adapter layers declare their parameters' roles, so a backbone module that happens to be
+        called ``gate`` or ``router`` never trains at the routing rate.
+        """
+        roles = parameter_roles(self.model)
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(roles.get(name, "backbone"), []).append(p)
+        return groups
+
     def configure_optimizers(self) -> dict[str, Any]:
-        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        if not named:
+        """One optimizer group per parameter role; the router and the gate train at ``lr * router_lr_scale``."""
+        groups = self.parameter_groups()
+        if not groups:
             raise ValueError("the model has no trainable parameter; check model.adapter and molora.target_modules")
-        routing = [p for name, p in named if is_routing_parameter(name)]
-        groups = [{"params": [p for name, p in named if not is_routing_parameter(name)], "name": "adapters"}]
-        if routing:
-            groups.append({"params": routing, "name": "routing"})
-        optimizer = self.optimizer_factory(groups)
-        if routing:
-            optimizer.param_groups[-1]["lr"] *= self.router_lr_scale
+        optimizer = self.optimizer_factory([{"params": params, "name": role} for role, params in groups.items()])
+        for group in optimizer.param_groups:
+            if group["name"] in ROUTING_ROLES:
+                group["lr"] *= self.router_lr_scale
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -325,10 +336,10 @@ class MoEIModule(LightningModule):
         return f"step {self.global_step} (epoch {self.current_epoch})" if self._trainer is not None else "this forward"
 
     def _check_gates(self, gates: list) -> None:
-        """Stop on a non-finite inter gate, naming the layer; gates lie in [0, 1], so their sums stay finite."""
+        """Stop on a non-finite inter-gate logit, naming the layer."""
         if not gates:
             return
-        sums = torch.stack([r.gate.detach().float().sum() for r in gates])
+        sums = torch.stack([r.gate_logit.detach().float().sum() for r in gates])
         if bool(torch.isfinite(sums).all()):
             return
         names = {id(record): name for name, record in self.recorder.records.items()}
@@ -400,6 +411,9 @@ class MoEIModule(LightningModule):
         return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
 
+ROUTING_ROLES = ("router", "gate")
+"""The parameter roles that train at ``lr * router_lr_scale``."""
+
 DIVERGENCE_HINT = (
     "no checkpoint was written after this, so the last one saved is intact; lower the learning rate "
     "(model.optimizer.init_args.lr), check model.molora.alpha and the lambda_* weights, or resume from that checkpoint"
@@ -453,12 +467,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def is_routing_parameter(name: str) -> bool:
-    """The intra router's and the inter gate's tensors (``...q_proj.router.weight``, ``...q_proj.gate.bias``)."""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] in ("router", "gate")
-
-
 def gate_counts(record: Any, domain: torch.Tensor, balanced: bool) -> dict[str, torch.Tensor]:
     """How many decisions each mean of :func:`inter_loss` averages over, keyed as its ``scales``."""
     if not balanced:
@@ -472,6 +480,10 @@ def inter_loss(
 ) -> torch.Tensor:
     """BCE between each layer's inter gate and its decisions' domain (1 = EI), averaged over layers.
 
+    It is computed from the gate's logit: on a saturated gate (|logit| > ~17 in fp32 rounds the
+    sigmoid to exactly 0 or 1) a BCE on the probability clamps at 100 and passes no gradient, so a
+    layer whose gate had shut or opened on the wrong inputs could never recover.
+
     A decision is a token (token routing) or a sequence (prompt routing). ``balanced`` averages the
     EI and the GI decisions apart and takes half of each. ``scales`` multiplies each mean by a factor
     per key of :func:`gate_counts` (the data-parallel correction).
@@ -483,7 +495,7 @@ def inter_loss(
             if not r.gate.numel():
                 continue
             target = domain[r.example_index].float()
-            bce = F.binary_cross_entropy(r.gate.float(), target, reduction="none")
+            bce = F.binary_cross_entropy_with_logits(r.gate_logit.float(), target, reduction="none")
             if balanced:
                 ei = target.bool()
                 per_layer.append(

@@ -44,9 +44,10 @@ PINNED = [
 ]
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m moei_lightning ARGS`` as a user runs it, importing this checkout, with W&B offline."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m moei_lightning ARGS`` as a user runs it, importing this checkout, with W&B offline (``env``: more
+    variables)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
     env.pop("MOEI_RUN_DIR", None)
     for key in [k for k in env if k.startswith(("WANDB_SERVICE", "_WANDB"))]:
         env.pop(key)  # a W&B service an in-process test started would hold the child's runs (run ID in use)

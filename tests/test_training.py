@@ -108,8 +108,25 @@ def test_router_and_gate_train_in_their_own_group_at_a_scaled_rate(tmp_path: Pat
     trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
     module.trainer = trainer
     optimizer = module.configure_optimizers()["optimizer"]
-    adapters, routing = optimizer.param_groups
+    experts, router, gate = optimizer.param_groups
+    assert [g["name"] for g in optimizer.param_groups] == ["experts", "router", "gate"]
     names = {id(p): n for n, p in module.named_parameters()}
-    assert {names[id(p)].rsplit(".", 2)[-2] for p in routing["params"]} == {"router", "gate"}
-    assert all("lora_" in names[id(p)] for p in adapters["params"])
-    assert (adapters["initial_lr"], routing["initial_lr"]) == (2e-3, pytest.approx(2e-2))
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in experts["params"]} == {"lora_A", "lora_B"}
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in router["params"]} == {"router"}
+    assert {tuple(names[id(p)].rsplit(".", 2)[-2:]) for p in gate["params"]} == {("gate", "weight"), ("gate", "bias")}
+    rates = [g["initial_lr"] for g in optimizer.param_groups]
+    assert rates == [2e-3, pytest.approx(2e-2), pytest.approx(2e-2)]
+
+
+def test_a_backbone_module_named_gate_trains_at_the_backbone_rate_under_full_fine_tuning(tmp_path: Path) -> None:
+    module = MoEIModule(
+        backbone=BackboneConfig(name_or_path="tiny-llama"),
+        adapter="full",
+        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3),
+        router_lr_scale=10.0,
+    )
+    module.configure_model()
+    module.model.model.layers[0].mlp.gate = torch.nn.Linear(2, 2)  # a backbone module that is called `gate`
+    module.trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [(g["name"], g["initial_lr"]) for g in optimizer.param_groups] == [("backbone", 2e-3)]

@@ -2,6 +2,9 @@
 
 - ``stats/router.jsonl``: one row per logged step (or evaluation epoch), layer, domain and aspect;
   written by :class:`~moei_lightning.callbacks.RouterStatsCallback`.
+- ``stats/train.jsonl``: one row per logged training step: the loss terms and, per optimizer group,
+  the learning rate, gradient norm and update size; written by
+  :class:`~moei_lightning.callbacks.TrainingHealth`.
 - ``stats/metrics.jsonl``: one row per evaluation epoch and logged metric key; written by
   :class:`~moei_lightning.callbacks.EiMetricsCallback`.
 
@@ -19,6 +22,7 @@ from typing import Any
 STATS_DIR = "stats"
 ROUTER_FILE = "router.jsonl"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_FILE = "train.jsonl"
 
 
 def append_rows(run_dir: str | Path, file_name: str, rows: Iterable[dict[str, Any]]) -> Path:

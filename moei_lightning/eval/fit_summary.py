@@ -105,10 +105,18 @@ class FitSummary(Callback):
             "run_dir": str(run_dir),
             "checkpoint": checkpoint,
         }
+        notes: list[str] = []
+        for callback in trainer.callbacks:  # sections that other callbacks offer, e.g. training health
+            offer = getattr(callback, "summary_section", None)
+            if callable(offer):
+                key, section, lines = offer()
+                if section:
+                    self.summary[key] = section
+                    notes += lines
         if not trainer.is_global_zero:
             return
         (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        text = summary_markdown(self.summary)
+        text = summary_markdown(self.summary, notes)
         (run_dir / "summary.md").write_text(text)
         print("\n" + text, flush=True)
         metrics = {
@@ -154,8 +162,8 @@ def _change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return change
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table per split, followed by parameters, run directory and checkpoint."""
+def summary_markdown(summary: dict[str, Any], notes: Sequence[str] = ()) -> str:
+    """The summary as a Markdown table per split, then parameters, run directory, checkpoint and ``notes``."""
     lines = []
     for split, block in summary["splits"].items():
         before, after, change = block["before"], block["after"], block["change"]
@@ -186,6 +194,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"({share:.2f}% of {summary['total_parameters']:,})",
         f"- run directory: {summary['run_dir']}",
         f"- checkpoint: {summary['checkpoint'] or 'none saved'}",
+        *notes,
         "",
     ]
     return "\n".join(lines)

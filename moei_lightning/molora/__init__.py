@@ -11,6 +11,7 @@ from moei_lightning.molora.inject import (
     find_targets,
     inject_molora,
     molora_layers,
+    parameter_roles,
 )
 from moei_lightning.molora.io import (
     CONFIG_FILE,
@@ -22,7 +23,7 @@ from moei_lightning.molora.io import (
     save_adapter,
     write_adapter,
 )
-from moei_lightning.molora.layer import MoLoRALinear
+from moei_lightning.molora.layer import MoLoRALinear, ParameterRole
 from moei_lightning.molora.recorder import RoutingRecord, RoutingRecorder
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "MoLoRAConfig",
     "MoLoRALinear",
+    "ParameterRole",
     "RoutingRecord",
     "RoutingRecorder",
     "adapter_state_dict",
@@ -42,6 +44,7 @@ __all__ = [
     "load_adapter_state_dict",
     "merge_molora",
     "molora_layers",
+    "parameter_roles",
     "read_adapter_config",
     "save_adapter",
     "to_peft",

@@ -11,7 +11,7 @@ from torch import nn
 
 from moei_lightning.molora.config import MoLoRAConfig
 from moei_lightning.molora.errors import MoLoRAError
-from moei_lightning.molora.layer import MoLoRALinear
+from moei_lightning.molora.layer import MoLoRALinear, ParameterRole
 from moei_lightning.molora.recorder import RoutingRecorder, Stream
 
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -109,6 +109,16 @@ def _generate_from_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:
     """The model's MoLoRA blocks by name (wrapper prefixes such as FSDP's or compile's removed)."""
     return {_clean(name): m for name, m in model.named_modules() if isinstance(m, MoLoRALinear)}
+
+
+def parameter_roles(model: nn.Module) -> dict[str, ParameterRole]:
+    """Every MoLoRA parameter of ``model`` by its full name (as ``named_parameters`` gives it), with its role."""
+    return {
+        f"{name}.{local}": role
+        for name, module in model.named_modules()
+        if isinstance(module, MoLoRALinear)
+        for local, role in module.parameter_roles().items()
+    }
 
 
 def _clean(name: str) -> str:

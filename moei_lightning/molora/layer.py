@@ -12,6 +12,7 @@ One expert without an inter gate is plain LoRA: it has no router and does no rou
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import nn
 
 from moei_lightning.molora.config import MoLoRAConfig
 from moei_lightning.molora.recorder import RoutingRecorder, Stream
+
+ParameterRole = Literal["experts", "router", "gate"]
+"""What a MoLoRA parameter does: expert weights (A, B), the intra router, or the inter gate."""
 
 
 class MoLoRALinear(nn.Module):
@@ -68,6 +72,15 @@ class MoLoRALinear(nn.Module):
         if self.gate is not None:
             nn.init.normal_(self.gate.weight, std=self.config.router_init_std)
             nn.init.constant_(self.gate.bias, self.config.gate_bias_init)
+
+    def parameter_roles(self) -> dict[str, ParameterRole]:
+        """Each own parameter's role, so optimizers and monitors group them without matching names."""
+        roles: dict[str, ParameterRole] = {"lora_A": "experts", "lora_B": "experts"}
+        if self.router is not None:
+            roles["router.weight"] = "router"
+        if self.gate is not None:
+            roles |= {"gate.weight": "gate", "gate.bias": "gate"}
+        return roles
 
     def extra_repr(self) -> str:
         c = self.config
@@ -141,23 +154,26 @@ class MoLoRALinear(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
             slots = self.config.num_slots
-            probs = torch.softmax(logits[..., :slots] / self.config.router_temperature, dim=-1)
-            if self.config.top_k is not None and self.config.top_k < slots:
-                kept = probs.topk(self.config.top_k, dim=-1).indices
-                probs = probs * torch.zeros_like(probs).scatter_(-1, kept, 1.0)
-                probs = probs / probs.sum(-1, keepdim=True)
+            scaled = logits[..., :slots] / self.config.router_temperature
+            if self.config.top_k is not None and self.config.top_k < slots:  # softmax over the k largest only
+                kept = torch.zeros_like(scaled, dtype=torch.bool).scatter_(
+                    -1, scaled.topk(self.config.top_k).indices, True
+                )
+                scaled = scaled.masked_fill(~kept, -math.inf)
+            probs = torch.softmax(scaled, dim=-1)
             if self.config.inter == "gate":
-                gate = torch.sigmoid(logits[..., slots:])
-                expert_probs, weights = probs, probs * gate
-            elif self.config.inter == "slot":
-                gate = 1.0 - probs[..., :1]
+                gate_logit = logits[..., slots:]
+                expert_probs, weights = probs, probs * torch.sigmoid(gate_logit)
+            elif self.config.inter == "slot":  # g = 1 - p_backbone, whose logit is logsumexp(experts) - backbone
+                # +-100: a slot that top_k dropped makes the logit infinite; sigmoid(100) is already 1 in fp32
+                gate_logit = (scaled[..., 1:].logsumexp(-1, keepdim=True) - scaled[..., :1]).clamp(-100.0, 100.0)
                 weights = probs[..., 1:]
-                expert_probs = weights / gate.clamp_min(torch.finfo(gate.dtype).tiny)
+                expert_probs = weights / (1.0 - probs[..., :1]).clamp_min(torch.finfo(probs.dtype).tiny)
             else:
-                gate, expert_probs, weights = None, probs, probs
+                gate_logit, expert_probs, weights = None, probs, probs
             if self.recorder is not None:
                 self.recorder.record(
-                    self.name, self.stream, gate, expert_probs, per_sequence=self.config.routing == "prompt"
+                    self.name, self.stream, gate_logit, expert_probs, per_sequence=self.config.routing == "prompt"
                 )
             return weights * self.config.scaling  # prompt routing: one decision, broadcast over its tokens
 

@@ -33,7 +33,8 @@ class RoutingRecord:
     """Routing of one adapted layer in one forward: one entry per decision the layer took.
 
     Under token routing that is every real (non-pad) token, under prompt routing every sequence.
-    ``gate`` is (N,) in [0, 1], or ``None`` for ``inter: none``; ``probs`` is (N, K) and sums to 1
+    ``gate`` is (N,) in [0, 1], or ``None`` for ``inter: none``; ``gate_logit`` is its logit (the gate
+    loss reads it: a BCE on the saturated probability loses its gradient); ``probs`` is (N, K) and sums to 1
     over experts; ``example_index`` (N,) says which sequence of the batch each decision belongs to,
     so per-example labels (EI or GI) can be spread over them; ``stream`` says which token stream
     the layer saw (encoder or decoder).
@@ -43,6 +44,7 @@ class RoutingRecord:
     probs: torch.Tensor
     example_index: torch.Tensor
     stream: Stream
+    gate_logit: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -92,8 +94,12 @@ class LazyRecord(RoutingRecord):
         self.stream, self._tokens, self._gate, self._probs, self._experts = stream, tokens, gate, probs, experts
 
     @cached_property
-    def gate(self) -> torch.Tensor | None:  # type: ignore[override]
+    def gate_logit(self) -> torch.Tensor | None:  # type: ignore[override]
         return None if self._gate is None else self._tokens.take(self._gate).squeeze(-1)
+
+    @cached_property
+    def gate(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self.gate_logit is None else torch.sigmoid(self.gate_logit)
 
     @cached_property
     def probs(self) -> torch.Tensor:  # type: ignore[override]
@@ -219,9 +225,14 @@ class RoutingRecorder:
         return mask is not None and mask.shape[-1] > length
 
     def record(
-        self, name: str, stream: Stream, gate: torch.Tensor | None, probs: torch.Tensor, per_sequence: bool = False
+        self,
+        name: str,
+        stream: Stream,
+        gate_logit: torch.Tensor | None,
+        probs: torch.Tensor,
+        per_sequence: bool = False,
     ) -> None:
-        """Store a layer's (batch, length, 1) gate and (batch, length, K) weights, minus padding.
+        """Store a layer's (batch, length, 1) gate logit and (batch, length, K) weights, minus padding.
 
         ``per_sequence`` (prompt routing): the tensors hold one decision per sequence, (batch, 1, .),
         stored once per sequence.
@@ -229,7 +240,7 @@ class RoutingRecorder:
         if not self.enabled:
             return
         tokens = self._decisions(stream, probs.shape[0], probs.shape[1], probs.device, per_sequence)
-        self.records[name] = LazyRecord(stream, tokens, gate, probs, probs.shape[-1])
+        self.records[name] = LazyRecord(stream, tokens, gate_logit, probs, probs.shape[-1])
 
     def record_uniform(
         self, name: str, stream: Stream, batch: int, length: int, device: torch.device, per_sequence: bool = False
