@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
 from moei_lightning.eval.emobench import EmoBenchItem, load_emobench
-from moei_lightning.eval.eqbench import EqBenchInputError, Question, load_questions
+from moei_lightning.eval.eqbench import EqBenchInputError, Question, Version, load_questions, questions_version
 from moei_lightning.eval.items import ChoiceItem
 from moei_lightning.eval.mmlu import load_mmlu_csv
 
@@ -56,11 +56,13 @@ class Item:
 
 @dataclass(frozen=True)
 class EqBenchQuestions:
-    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap."""
+    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap, and
+    ``version`` is the whole file's (a cap to 60 questions must not turn v2 into v1)."""
 
     path: str
     questions: dict[str, Question]
     available: int
+    version: Version = "v2"
 
 
 @dataclass
@@ -146,7 +148,9 @@ def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
     except EqBenchInputError as err:
         raise DataError(f"{err} (file from config key eval.eqbench_questions)") from err
     kept = dict(list(questions.items())[:limit]) if limit is not None else questions
-    return EqBenchQuestions(path=str(path), questions=kept, available=len(questions))
+    return EqBenchQuestions(
+        path=str(path), questions=kept, available=len(questions), version=questions_version(questions)
+    )
 
 
 T = TypeVar("T", Item, EmoBenchItem)
