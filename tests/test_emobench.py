@@ -111,6 +111,22 @@ def test_reference_prompts(tmp_path):
     assert load_emobench(tmp_path, languages=("en",)) == [eu]
 
 
+def test_user_prompts_end_as_the_reference_renders_them(shared_data):
+    """prompts.yaml ends with the EU zh block and no line break, so only those 200 prompts end without one."""
+    endings = collections.Counter()
+    for item in load_emobench(shared_data / "emobench"):
+        prompt = user_prompt(item)
+        last = item.questions[-1]
+        assert prompt.rstrip("\n").endswith(f"{chr(ord('A') + len(last.choices) - 1)}) {last.choices[-1]}")
+        endings[(item.task, item.language, prompt.endswith("\n"), prompt.endswith("\n\n"))] += 1
+    assert endings == {
+        ("EU", "en", True, False): 200,
+        ("EU", "zh", False, False): 200,
+        ("EA", "en", True, False): 200,
+        ("EA", "zh", True, False): 200,
+    }
+
+
 @pytest.mark.parametrize(
     ("reply", "task", "letters"),
     [

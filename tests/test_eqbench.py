@@ -10,6 +10,7 @@ import pytest
 from moei_lightning.eval.eqbench import (
     EqBenchInputError,
     Question,
+    QuestionScore,
     accepted,
     attempt_temperatures,
     detect_mode,
@@ -20,12 +21,14 @@ from moei_lightning.eval.eqbench import (
     partial,
     question_prompt,
     question_prompts,
+    questions_version,
     read_responses,
     results_file,
     score_question,
     score_responses,
     score_run,
 )
+from moei_lightning.eval.suites import eqbench_questions
 
 # The reference harness's recorded runs: file -> (benchmark_score, n_questions_parseable, mode).
 RECORDED = {
@@ -135,11 +138,33 @@ def test_penalty_curve():
     assert score_question({**reference, "A": 9, "B": 9}, question) == pytest.approx(10 - 0.7477 * 18)
 
 
-def test_intensities_summing_to_zero_are_not_an_answer():
-    question = Question("q", "p", {"A": 0, "B": 0, "C": 0, "D": 1})
-    assert score_question({"A": 0, "B": 0, "C": 0, "D": 0}, question) is None
-    assert score_question({"A": 0, "B": 0, "C": 0, "D": 0}, question, "v1") is None
-    assert not accepted("A: 0\nB: 0\nC: 0\nD: 0", question, "no_revise")
+def test_all_zero_pass_follows_the_harness():
+    """The harness keeps or retries a reply by its v1 check (intensities must not sum to 0), then scores
+    a kept reply's passes on v2, which has no sum check (eq_bench_utils.process_question, scoring.py)."""
+    question = Question("q", "p", {"A": 0, "B": 0, "C": 0, "D": 1}, reference_v1={"A": 0, "B": 0, "C": 0, "D": 10})
+    zeros, right = {"A": 0, "B": 0, "C": 0, "D": 0}, {"A": 0, "B": 0, "C": 0, "D": 1}
+    zeros_score = 10 - 0.7477 * 6.5 / (1 + math.exp(3.6))  # one emotion off by 1
+    assert score_question(zeros, question) == pytest.approx(zeros_score)
+    assert score_question(zeros, question, "v1") is None  # v1 rescales to sum 10: it keeps the check
+    plain_zeros = "A: 0\nB: 0\nC: 0\nD: 0"
+    assert not accepted(plain_zeros, question, "no_revise") and not partial(plain_zeros, question, "no_revise")
+    assert not accepted(reply(zeros, right), question, "revise") and partial(reply(zeros, right), question, "revise")
+    assert not partial(reply(zeros, zeros), question, "revise")
+    questions = {"1": question, "2": Question("2", "p", dict(right), reference_v1=question.reference_v1)}
+    # Revise: a reply kept for its revision has its all-zero first pass scored too.
+    result = score_responses({"1": reply(zeros, right), "2": reply(right, right)}, questions, "revise", "v2")
+    assert result.per_question["1"] == QuestionScore(first_pass=pytest.approx(zeros_score), revised=10)
+    assert (result.first_pass_parseable, result.revised_parseable) == (2, 2)
+    assert result.first_pass_score == pytest.approx(10 * (zeros_score + 10) / 2)
+    # A reply with no pass passing the check is one the harness never stores: neither pass counts.
+    result = score_responses({"1": reply(zeros, zeros), "2": plain_zeros}, questions, "revise", "v2")
+    assert (result.first_pass_parseable, result.revised_parseable) == (0, 0)
+    result = score_responses({"1": plain_zeros, "2": "A: 0\nB: 0\nC: 0\nD: 1"}, questions, "no_revise", "v2")
+    assert result.per_question["1"] == QuestionScore(None, None) and result.parseable == 1
+    # v1 keeps the reply but not its all-zero pass.
+    result = score_responses({"1": reply(zeros, right), "2": reply(right, right)}, questions, "revise", "v1")
+    assert result.per_question["1"] == QuestionScore(first_pass=None, revised=pytest.approx(10))
+    assert (result.first_pass_parseable, result.revised_parseable) == (1, 2)
 
 
 def test_v1_scoring_rescales_answers_to_ten():
@@ -151,17 +176,38 @@ def test_v1_scoring_rescales_answers_to_ten():
         score_question({"A": 4, "B": 2, "C": 2, "D": 0}, question, "v2")
 
 
-def test_v1_question_file_is_scored_as_v1(tmp_path):
+@pytest.mark.parametrize("fullscale", [False, True])
+def test_v1_question_file_is_scored_as_v1(tmp_path, capsys, fullscale):
+    """The official eq_bench_v1_questions_60.json carries reference_answer_fullscale too (its scores as
+    strings); the harness tells v1 by the count of 60 questions, and so does this scorer."""
     ref = {"emotion1": "A", "emotion2": "B", "emotion3": "C", "emotion4": "D"}
-    ref.update({"emotion1_score": 5, "emotion2_score": 5, "emotion3_score": 0, "emotion4_score": 0})
+    entry = {"prompt": "p", "reference_answer": {**ref, "emotion1_score": 5, "emotion2_score": 5}}
+    entry["reference_answer"].update({"emotion3_score": 0, "emotion4_score": 0})
+    if fullscale:
+        entry["reference_answer_fullscale"] = {**ref, **{f"emotion{i}_score": str(i) for i in range(1, 5)}}
     path = tmp_path / "eq_bench_v1_questions_60.json"
-    path.write_text(json.dumps({str(i): {"prompt": "p", "reference_answer": ref} for i in range(60)}), encoding="utf-8")
+    path.write_text(json.dumps({str(i): entry for i in range(60)}), encoding="utf-8")
     questions = load_questions(path)
+    assert questions_version(questions) == "v1"
+    # Perfect on v1 (rescaled to sum 10), far off on v2: the v1 score shows which was used.
     perfect = reply({"A": 1, "B": 1, "C": 0, "D": 0}, {"A": 3, "B": 3, "C": 0, "D": 0})
     result = score_responses({qid: perfect for qid in questions}, questions, "revise")
     assert (result.version, result.score, result.parseable) == ("v1", pytest.approx(100), 60)
     # v1 questions are asked as written, whatever the mode.
-    assert question_prompt(questions["0"], "no_revise") == "p"
+    assert question_prompts(questions, "no_revise")["0"] == question_prompt(questions["0"], "no_revise", "v1") == "p"
+    replies = tmp_path / "replies.json"
+    replies.write_text(json.dumps({qid: perfect for qid in questions}), encoding="utf-8")
+    main([str(replies), "--questions", str(path), "--mode", "revise"])
+    report = json.loads(capsys.readouterr().out)
+    assert (report["version"], report["score"], report["parseable"]) == ("v1", 100.0, 60)
+
+
+def test_first_60_v2_questions_stay_v2(shared_data):
+    """The version belongs to the whole file: capping the v2 file to 60 questions must not make it v1."""
+    path = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
+    assert questions_version(load_questions(path)) == "v2"
+    capped = eqbench_questions(str(path), 60)
+    assert (len(capped.questions), capped.version) == (60, "v2")
 
 
 def test_failed_run_rule():

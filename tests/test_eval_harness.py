@@ -129,10 +129,14 @@ def test_eqbench_asks_again_as_the_reference_harness_does(shared_data: Path, mon
         "2": ["no idea", f"First pass scores:\n{scores('2')}\nRevised scores:\n{scores('2')}"],
         "3": [f"First pass scores:\n{scores('3')}\nRevised scores:\nnone", "nothing", "nothing again"],
     }
-    prompts = {chat_prompt(harness.tokenizer, q.prompt): qid for qid, q in questions.questions.items()}
+    system = "Answer the questions."
+    prompts = {chat_prompt(harness.tokenizer, q.prompt, system): qid for qid, q in questions.questions.items()}
     calls: list[tuple[float | None, list[str]]] = []
 
-    def generate(batch: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
+    def generate(
+        batch: list[str], max_new_tokens: int, temperature: float | None = None, unfiltered: bool = True
+    ) -> list[str]:
+        assert (max_new_tokens, unfiltered) == (8, False)
         ids = [prompts[p] for p in batch]
         calls.append((temperature, ids))
         return [script[qid][len(calls) - 1] for qid in ids]
@@ -148,12 +152,72 @@ def test_eqbench_asks_again_as_the_reference_harness_does(shared_data: Path, mon
 def test_eqbench_no_revise_prompt_is_sent(shared_data: Path, monkeypatch) -> None:
     harness = tiny_harness("tiny-llama")
     questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
-    sent: list[str] = []
-    monkeypatch.setattr(harness, "generate", lambda batch, n, t=None: sent.extend(batch) or ["x"] * len(batch))
-    outcome = harness.eqbench(questions, max_new_tokens=8)
+    sent: list[tuple[str, int, float | None, bool]] = []
+
+    def generate(batch: list[str], n: int, t: float | None = None, unfiltered: bool = True) -> list[str]:
+        sent.extend((p, n, t, unfiltered) for p in batch)
+        return ["x"] * len(batch)
+
+    monkeypatch.setattr(harness, "generate", generate)
+    outcome = harness.eqbench(questions)
     assert len(sent) == 3  # never parses: three attempts
-    assert sent[0] == chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], "no_revise"))
+    # As the harness's Llama-2 instruction template sends it: its system message, then the question.
+    question = question_prompt(questions.questions["1"], "no_revise")
+    prompt = "<s>[INST] <<SYS>>\nAnswer the questions.\n<</SYS>>\n\n" + question.rstrip() + " [/INST]"
+    assert sent[0] == (prompt, 60, 0.01, False)  # 60 new tokens without the revise step, top-k/p left as they are
     assert outcome.result.mode == "no_revise" and outcome.result.failed
+
+
+@pytest.mark.parametrize(
+    ("settings", "tokens", "system", "unfiltered"),
+    [
+        ({"mode": "revise"}, 600, "Answer the questions.", False),
+        ({"max_new_tokens": 1024, "system": "none", "sampling": "plain"}, 1024, None, True),
+    ],
+)
+def test_eqbench_generation_settings(shared_data: Path, monkeypatch, settings, tokens, system, unfiltered) -> None:
+    """The harness's token limits per mode and its system message by default; the earlier settings
+    (1024 tokens, no system message, no top-k or top-p cut) by name."""
+    harness = tiny_harness("tiny-llama")
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
+    sent: list[tuple[str, int, bool]] = []
+
+    def generate(batch: list[str], n: int, t: float | None = None, unfiltered: bool = True) -> list[str]:
+        sent.extend((p, n, unfiltered) for p in batch)
+        return ["x"] * len(batch)
+
+    monkeypatch.setattr(harness, "generate", generate)
+    harness.eqbench(questions, **settings)
+    mode = settings.get("mode", "no_revise")
+    expected = chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], mode), system)
+    assert sent[0] == (expected, tokens, unfiltered)
+
+
+@pytest.mark.parametrize(("unfiltered", "cut"), [(False, {}), (True, {"top_k": 0, "top_p": 1.0})])
+def test_sampling_cut_reaches_generate(monkeypatch, unfiltered: bool, cut: dict) -> None:
+    """``harness`` sampling sets only the temperature (the model's top-k/top-p stay); ``plain`` turns them off."""
+    harness = tiny_harness("tiny-llama")
+    seen: dict = {}
+    original = harness.model.generate
+
+    def spy(**kwargs: object) -> torch.Tensor:
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(harness.model, "generate", spy)
+    harness.generate(["hello"], 2, 0.01, unfiltered)
+    assert (seen["do_sample"], seen["temperature"], seen["max_new_tokens"]) == (True, 0.01, 2)
+    assert {key: seen[key] for key in ("top_k", "top_p") if key in seen} == cut
+
+
+def test_eqbench_system_message_without_a_llama2_template(shared_data: Path, monkeypatch) -> None:
+    harness = tiny_harness("tiny-t5")  # no chat template: the system message leads the prompt
+    questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
+    sent: list[str] = []
+    monkeypatch.setattr(harness, "generate", lambda batch, *args: sent.extend(batch) or ["x"] * len(batch))
+    harness.eqbench(questions)
+    question = question_prompt(questions.questions["1"], "no_revise")
+    assert sent[0] == "You are an expert in emotional analysis.\n" + question
 
 
 def test_emobench_both_protocols_on_a_tiny_model(shared_data: Path, monkeypatch) -> None:

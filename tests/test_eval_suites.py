@@ -1,6 +1,7 @@
 """Evaluation inputs: suite loading, config errors that name the key, quick-run limits, EmotionPrompt variants."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from moei_lightning.data import SAMPLES_DIR, DataError, PromptFormatter
 from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.eval.emotion_prompt import check_stimuli, probe_items, with_stimulus
+from moei_lightning.eval.harness import OpenOutcome
+from moei_lightning.eval.scorer import score_rows
 from moei_lightning.eval.suites import (
     check_suites,
     eibench_items,
@@ -48,6 +51,28 @@ def test_eibench_items_split_choice_and_open_tasks() -> None:
     assert all(i.record.choices[i.answer] == i.record.output for i in choice)
     assert {i.group for i in open_items} == {"expression"}
     assert all(i.source == "eibench" for i in items)
+
+
+def test_open_items_are_scored_in_their_own_language(tmp_path: Path) -> None:
+    """A Chinese answer scored with English tokens gets BLEU and ROUGE 0; each item's language is the
+    record's ``language`` when given, else detected from its Chinese characters."""
+    base = {"task": "reply", "domain": "ei", "aspect": "expression", "instruction": "Respond kindly."}
+    records = [
+        {**base, "id": "en", "input": "I failed.", "output": "I am sorry to hear that."},
+        {**base, "id": "zh", "input": "我考试没考好。", "output": "别难过，下次一定会更好。"},
+        {**base, "id": "instruction-only", "instruction": "安慰他。", "input": "", "output": "……"},
+        {**base, "id": "said", "input": "Ni hao.", "output": "Ni hao ma", "language": "zh"},
+    ]
+    items = eibench_items([write_jsonl(tmp_path / "ei.jsonl", records)], "eval.eibench")
+    assert {i.record.id: i.language for i in items} == {"en": "en", "zh": "zh", "instruction-only": "zh", "said": "zh"}
+    # Each prediction equal to its reference: 100 in both languages, where the English-only scoring gave
+    # the Chinese half 0.
+    outcomes = [OpenOutcome(i, i.record.output) for i in items[:2]]
+    rows = {(r["task"], r["metric"]): r["value"] for r in score_rows([], outcomes)}
+    assert rows[("reply", "bleu4")] == pytest.approx(100) and rows[("reply", "rouge_l")] == pytest.approx(100)
+    english_only = [OpenOutcome(replace(i, language="en"), i.record.output) for i in items[:2]]
+    rows = {(r["task"], r["metric"]): r["value"] for r in score_rows([], english_only)}
+    assert rows[("reply", "rouge_l")] == pytest.approx(50)
 
 
 def test_gi_items_from_jsonl_and_mmlu_csv(tmp_path: Path) -> None:

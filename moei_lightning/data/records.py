@@ -22,7 +22,7 @@ GI_ASPECTS: tuple[str, ...] = ("knowledge", "reasoning", "commonsense", "reading
 ASPECTS: dict[str, tuple[str, ...]] = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
 
 _REQUIRED_TEXT = ("task", "domain", "aspect", "instruction", "output")
-FIELDS: tuple[str, ...] = ("id", *_REQUIRED_TEXT, "input", "choices")
+FIELDS: tuple[str, ...] = ("id", *_REQUIRED_TEXT, "input", "choices", "language")
 """The record's fields; ``task``, ``domain``, ``aspect``, ``instruction`` and ``output`` are required."""
 REQUIRED_FIELDS: tuple[str, ...] = _REQUIRED_TEXT
 
@@ -43,6 +43,8 @@ class EiRecord:
     input: str
     output: str
     choices: list[str] | None = None
+    language: str = ""
+    """The text's language (``en``, ``zh``) when the data says; evaluation detects it otherwise."""
     source: str = field(default="", compare=False)
     """Where the record was read (``file:line``), so later stages can point back at it."""
 
@@ -192,8 +194,9 @@ def record_from_fields(obj: dict[str, Any], where: str, default_stem_line: str) 
     # the default names the domain too, so files of the same name in an EI and a GI folder never collide
     record_id = _text(obj, "id", where, required=False) or f"{domain}/{default_stem_line}"
     input_text = _text(obj, "input", where, required=False)
+    language = _text(obj, "language", where, required=False)
     choices = _choices(obj.get("choices"), values["output"], where)
-    return EiRecord(id=record_id, input=input_text, choices=choices, source=where, **values)
+    return EiRecord(id=record_id, input=input_text, choices=choices, language=language, source=where, **values)
 
 
 def _text(obj: dict[str, Any], name: str, where: str, *, required: bool) -> str:

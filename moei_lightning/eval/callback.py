@@ -27,7 +27,7 @@ from moei_lightning.eval import emobench
 from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.emobench import LANGUAGES
 from moei_lightning.eval.emotion_prompt import check_stimuli
-from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, questions_version, results_file
+from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, SAMPLINGS, SYSTEM_MESSAGES, results_file
 from moei_lightning.eval.harness import Harness, Results, Settings
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.report import Report, Table
@@ -56,12 +56,16 @@ class PaperEvaluation(Callback):
         gi: GI JSONL files or folders (records with ``choices``); None uses ``data.gi_test``.
         gi_mmlu_csv: MMLU-style CSV files (question, A, B, C, D, answer) by GI dimension, e.g.
             ``{knowledge: [mmlu/high_school_geography_test.csv]}``.
-        eqbench_questions: The EQ-Bench questions file (``eq_bench_v2_questions_171.json``; a v1
-            60-question file is scored as v1).
+        eqbench_questions: The EQ-Bench questions file (``eq_bench_v2_questions_171.json``; a
+            60-question file is v1, as the reference harness decides, and is scored as v1).
         eqbench_mode: ``no_revise`` (one set of scores; the reference harness's default since v2.1)
             or ``revise`` (first pass, critique, revised scores).
-        eqbench_max_new_tokens: Reply length for EQ-Bench; revise mode needs room for the first pass,
-            the critique and the revised scores.
+        eqbench_max_new_tokens: Reply length for EQ-Bench; null: the reference harness's, 60 tokens
+            for ``no_revise`` and 600 for ``revise``.
+        eqbench_system_message: ``harness`` (the reference harness's: "Answer the questions." with a
+            Llama-2 chat template, else "You are an expert in emotional analysis.") or ``none``.
+        eqbench_sampling: ``harness`` (only the temperature is set; the model's generation config
+            keeps its top-k and top-p) or ``plain`` (top-k and top-p turned off).
         emobench_dir: Folder holding EmoBench's ``EU.jsonl`` and ``EA.jsonl``.
         emobench_languages: EmoBench languages to ask: ``en``, ``zh`` or both.
         emobench_protocol: ``generate`` (the published protocol: the reference's prompts, letter answers
@@ -84,7 +88,9 @@ class PaperEvaluation(Callback):
         gi_mmlu_csv: Mapping[str, Sequence[str]] | None = None,
         eqbench_questions: str | None = None,
         eqbench_mode: str = DEFAULT_MODE,
-        eqbench_max_new_tokens: int = 1024,
+        eqbench_max_new_tokens: int | None = None,
+        eqbench_system_message: str = "harness",
+        eqbench_sampling: str = "harness",
         emobench_dir: str | None = None,
         emobench_languages: Sequence[str] = LANGUAGES,
         emobench_protocol: str = emobench.DEFAULT_PROTOCOL,
@@ -97,7 +103,11 @@ class PaperEvaluation(Callback):
         for key, value, ok in (
             ("batch_size", batch_size, batch_size >= 1),
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
-            ("eqbench_max_new_tokens", eqbench_max_new_tokens, eqbench_max_new_tokens >= 1),
+            (
+                "eqbench_max_new_tokens",
+                eqbench_max_new_tokens,
+                eqbench_max_new_tokens is None or eqbench_max_new_tokens >= 1,
+            ),
             ("emobench_max_new_tokens", emobench_max_new_tokens, emobench_max_new_tokens >= 1),
             ("limit", limit, limit is None or limit >= 1),
         ):
@@ -111,6 +121,12 @@ class PaperEvaluation(Callback):
                 raise DataError(f"config key eval.{key}: the {suite} suite is in eval.suites but {key} is not set")
         if eqbench_mode not in MODES:
             raise DataError(f"config key eval.eqbench_mode: {eqbench_mode!r} is not one of {list(MODES)}")
+        for key, value, choices in (
+            ("eqbench_system_message", eqbench_system_message, SYSTEM_MESSAGES),
+            ("eqbench_sampling", eqbench_sampling, SAMPLINGS),
+        ):
+            if value not in choices:
+                raise DataError(f"config key eval.{key}: {value!r} is not one of {list(choices)}")
         if emobench_protocol not in emobench.PROTOCOLS:
             raise DataError(
                 f"config key eval.emobench_protocol: {emobench_protocol!r} is not one of {list(emobench.PROTOCOLS)}"
@@ -128,6 +144,7 @@ class PaperEvaluation(Callback):
         self.gi_mmlu_csv = {k: [v] if isinstance(v, str) else list(v) for k, v in (gi_mmlu_csv or {}).items()}
         self.eqbench_questions = eqbench_questions
         self.eqbench_max_new_tokens = eqbench_max_new_tokens
+        self.eqbench_system_message, self.eqbench_sampling = eqbench_system_message, eqbench_sampling
         self.emobench_dir, self.emobench_languages = emobench_dir, list(emobench_languages)
         self.limit = limit
         self.inputs: SuiteInputs | None = None
@@ -136,11 +153,13 @@ class PaperEvaluation(Callback):
     @property
     def settings(self) -> Settings:
         return Settings(
-            self.max_new_tokens,
-            self.eqbench_max_new_tokens,
-            self.eqbench_mode,
-            self.emobench_protocol,
-            self.emobench_max_new_tokens,
+            max_new_tokens=self.max_new_tokens,
+            eqbench_max_new_tokens=self.eqbench_max_new_tokens,
+            eqbench_mode=self.eqbench_mode,
+            eqbench_system_message=self.eqbench_system_message,
+            eqbench_sampling=self.eqbench_sampling,
+            emobench_protocol=self.emobench_protocol,
+            emobench_max_new_tokens=self.emobench_max_new_tokens,
         )
 
     @property
@@ -223,6 +242,8 @@ class PaperEvaluation(Callback):
                 "eqbench_questions": self.eqbench_questions,
                 "eqbench_mode": self.eqbench_mode,
                 "eqbench_max_new_tokens": self.eqbench_max_new_tokens,
+                "eqbench_system_message": self.eqbench_system_message,
+                "eqbench_sampling": self.eqbench_sampling,
                 "emobench_dir": self.emobench_dir,
                 "emobench_languages": self.emobench_languages,
                 "emobench_protocol": self.emobench_protocol,
@@ -282,9 +303,7 @@ def write_outputs(results: Results, run_dir: Path) -> None:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     if results.eqbench is not None:
         outcome = results.eqbench
-        content = results_file(
-            outcome.replies, outcome.result.mode, questions_version(outcome.questions.questions), outcome.attempts
-        )
+        content = results_file(outcome.replies, outcome.result.mode, outcome.questions.version, outcome.attempts)
         replies = json.dumps(content, indent=2, ensure_ascii=False)
         (run_dir / "eqbench_replies.json").write_text(replies + "\n", encoding="utf-8")
 

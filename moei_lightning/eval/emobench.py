@@ -38,7 +38,8 @@ MAX_NEW_TOKENS = 50  # the reference's generation length for Hugging Face models
 OVERALL = "Overall"
 LETTERS = string.ascii_uppercase
 
-# The reference's prompts (src/configs/prompts.yaml, response.yaml at commit 3b4f843), as rendered.
+# The reference's prompts (src/configs/prompts.yaml, response.yaml at commit 3b4f843), as rendered. Each
+# user prompt is a YAML block ending in a line break, except EU zh: the file's last block has none.
 _SYSTEM = {
     "en": "# Instructions\n\nIn this task, you are presented with a scenario, a question, and multiple choices. \n"
     "Carefully analyze the scenario and take the perspective of the individual involved.\n"
@@ -67,7 +68,7 @@ _USER = {
         "EU",
         "zh",
     ): "## 场景\n{scenario}\n\n## 问题 1\n在这种情况下，{subject}最终会感受到什么情绪？\n\n## 问题 1 的选项\n"
-    "{emo_choices}\n\n## 问题 2\n{subject}为什么会在这种情况下感受到这些情绪？\n\n## 问题 2 的选项\n{cause_choices}\n",
+    "{emo_choices}\n\n## 问题 2\n{subject}为什么会在这种情况下感受到这些情绪？\n\n## 问题 2 的选项\n{cause_choices}",
     ("EA", "en"): "## Scenario\n{scenario}\n\n## Question \nIn this scenario, what is the most effective {q_type} "
     "for {subject}?\n\n## Choices\n{choices}\n",
     (

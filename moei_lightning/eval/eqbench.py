@@ -8,14 +8,21 @@ whose recorded runs are the conformance vectors (tests/test_eqbench.py; docs/eva
   harness's ``remove_revision_instructions`` does. ``revise`` sends the question as written: a first
   pass, a critique and revised scores under the headings ``First pass scores:`` and
   ``Revised scores:``. v1 questions are always asked in revise form, as in the harness.
+- **Version.** As in the harness, a file of 60 questions is v1 (the official
+  ``eq_bench_v1_questions_60.json`` carries ``reference_answer_fullscale`` too) and any other is v2;
+  a file without ``reference_answer_fullscale`` can only be v1.
 - **Parsing.** Answers are ``Name: <int>`` pairs: one word, matched case-sensitively, a colon,
   whitespace, then digits (``**Name:** 5`` or ``Name:5`` is no answer). A later pair with the same
   name overrides an earlier one. In revise mode the first pass is the text between the two headings
   and the revision the text after ``Revised scores:``. In no-revise mode a reply laid out with both
   headings anyway is read the same way (as the harness that recorded the shared runs did); any
   other reply is read whole as the first pass.
-- **Validity.** A pass of a question counts (is *parseable*) only if it names exactly the
-  reference's four emotions and its four intensities do not sum to 0.
+- **Validity.** The harness keeps a reply when the passes its mode asks for name exactly the
+  reference's four emotions with intensities that do not sum to 0 (its v1 check, applied whatever the
+  version); in revise mode, once the attempts run out, it keeps a reply of which one pass does. It
+  stores no reply for a question otherwise, so such a question counts for neither pass. A kept reply
+  is then scored pass by pass: v2 counts (calls *parseable*) every pass naming the four emotions,
+  all-zero intensities included (the harness's v2 score has no sum check); v1 keeps the sum check.
 - **Question score.** v2: per emotion d = |answer - reference| against the full-scale reference;
   the penalty is 0 for d = 0, 6.5 / (1 + e^(-1.2 (d - 4))) for 0 < d < 5, and d itself for d >= 5
   (the recorded runs were scored with ``d < 5``; later harness versions moved d = 5 onto the curve,
@@ -26,6 +33,11 @@ whose recorded runs are the conformance vectors (tests/test_eqbench.py; docs/eva
   0.95 times as many parseable questions; otherwise the first pass is. Iterations are scored apart
   and averaged; the score and the parseable count are rounded to 2 decimals. A run with fewer than
   83.33 % of its questions parseable has *failed*: the harness records no score for it.
+- **Generation.** The harness wraps each prompt in an instruction template with a system message:
+  "Answer the questions." in its Llama-2 template, "You are an expert in emotional analysis." in the
+  others (:func:`system_message`; the evaluation wraps with the tokenizer's chat template). It allows
+  60 new tokens without the revise step and 600 with it (:func:`default_max_new_tokens`), and samples at the
+  attempt's temperature with the model's other sampling settings left as they are.
 - **Retries.** The harness asks an unparseable question again, up to 3 attempts, at temperature
   0.01, then 0.16, then 0.31. It takes the first reply whose passes all parse; in revise mode it
   otherwise keeps the first reply of which one pass parsed. :func:`accepted` and :func:`partial`
@@ -60,6 +72,7 @@ _ANSWER = re.compile(r"(\w+):\s+(\d+)")
 _N_EMOTIONS = 4
 _ADJUST = 0.7477  # chosen by the benchmark so that random answers score about zero
 _REVISION_MIN_PARSEABLE = 0.95
+V1_QUESTION_COUNT = 60  # the harness tells v1 from v2 by the number of questions in the file
 
 # The no-revise prompt: the harness's edit of the revise prompt (English questions).
 _REVISE_SENTENCE = " Then critique your answer by thinking it through step by step. Finally, give your revised scores."
@@ -67,6 +80,13 @@ _FIRST_PASS_HEADING = "First pass scores:\n"
 _CRITIQUE = "Critique: <your critique here>"
 _END_OF_ANSWER = "[End of answer]"
 _ANSWER_CUE = "\nYour answer:\n"
+
+
+SYSTEM_MESSAGES: tuple[str, ...] = ("harness", "none")
+LLAMA2_SYSTEM_MESSAGE = "Answer the questions."  # the context of the Llama-2 instruction template it uses
+SYSTEM_MESSAGE = "You are an expert in emotional analysis."  # its default for every other template
+SAMPLINGS: tuple[str, ...] = ("harness", "plain")
+_MAX_NEW_TOKENS: dict[str, int] = {"no_revise": 60, "revise": 600}
 
 
 class EqBenchInputError(ValueError):
@@ -230,23 +250,33 @@ def load_questions(path: str | Path) -> dict[str, Question]:
 
 
 def questions_version(questions: Mapping[str, Question]) -> Version:
-    """``v2`` when the questions carry the full-scale reference, else ``v1``."""
-    return "v1" if any(q.reference is None for q in questions.values()) else "v2"
+    """The version of a whole question file, told apart as the harness does: 60 questions are v1.
+
+    The official v1 file carries ``reference_answer_fullscale`` too, so the count decides; a file
+    without the full-scale reference cannot be scored as v2 at all. Call it on the whole file, not on
+    a subset: the first 60 questions of the v2 file are still v2.
+    """
+    if len(questions) == V1_QUESTION_COUNT or any(q.reference is None for q in questions.values()):
+        return "v1"
+    return "v2"
 
 
-def question_prompt(question: Question, mode: Mode) -> str:
+def question_prompt(question: Question, mode: Mode, version: Version = "v2") -> str:
     """The text the harness sends for ``question`` in ``mode`` (wrapped in a chat template by the caller)."""
     _check_mode(mode)
-    if mode == "revise" or question.reference is None:  # v1 is always asked in revise form
+    if mode == "revise" or version == "v1":  # v1 is always asked in revise form
         return question.prompt
     prompt = question.prompt.replace(_REVISE_SENTENCE, "").replace(_FIRST_PASS_HEADING, "")
     prompt = prompt[: prompt.find(_CRITIQUE)] + "\n" + prompt[prompt.find(_END_OF_ANSWER) :]
     return prompt + _ANSWER_CUE
 
 
-def question_prompts(questions: Mapping[str, Question], mode: Mode = DEFAULT_MODE) -> dict[str, str]:
-    """Every question's prompt in ``mode``, by id."""
-    return {qid: question_prompt(q, mode) for qid, q in questions.items()}
+def question_prompts(
+    questions: Mapping[str, Question], mode: Mode = DEFAULT_MODE, version: Version | None = None
+) -> dict[str, str]:
+    """Every question's prompt in ``mode``, by id; the version is the file's unless given."""
+    version = version or questions_version(questions)
+    return {qid: question_prompt(q, mode, version) for qid, q in questions.items()}
 
 
 def _answers(section: str) -> dict[str, int]:
@@ -275,10 +305,20 @@ def _penalty(difference: float) -> float:
     return float(difference)
 
 
+def _names_the_emotions(answers: Mapping[str, int], question: Question) -> bool:
+    return len(answers) == _N_EMOTIONS and set(answers) == question.emotions
+
+
+def _passes_v1_check(answers: Mapping[str, int], question: Question) -> bool:
+    """The harness's test of whether a pass parsed (its v1 score exists), used to keep or retry a reply."""
+    return _names_the_emotions(answers, question) and sum(answers.values()) > 0
+
+
 def score_question(answers: Mapping[str, int], question: Question, version: Version = "v2") -> float | None:
     """Score one pass of one question (10 is perfect); None unless it names exactly the reference's
-    four emotions with intensities that do not sum to 0."""
-    if len(answers) != _N_EMOTIONS or set(answers) != question.emotions or sum(answers.values()) <= 0:
+    four emotions. v1 also needs intensities that do not sum to 0 (it rescales them to sum to 10);
+    v2 scores all-zero intensities like any others, as the harness does."""
+    if not _names_the_emotions(answers, question):
         return None
     if version == "v2":
         if question.reference is None:
@@ -288,24 +328,30 @@ def score_question(answers: Mapping[str, int], question: Question, version: Vers
     if question.reference_v1 is None:
         raise EqBenchInputError(f"question {question.id}: no v1 reference ('reference_answer')")
     total = sum(answers.values())
+    if total <= 0:
+        return None
     return 10 - sum(abs(answers[name] / total * 10 - ref) for name, ref in question.reference_v1.items())
 
 
+def accepted(text: str, question: Question, mode: Mode) -> bool:
+    """Whether the harness takes this reply without asking again: every pass the mode asks for passes
+    its v1 check (the four emotions, intensities not summing to 0), whatever the version."""
+    first, revised = parse_answers(text, mode)
+    return _passes_v1_check(first, question) and (mode == "no_revise" or _passes_v1_check(revised, question))
+
+
+def partial(text: str, question: Question, mode: Mode) -> bool:
+    """Whether a revise-mode reply is kept once the attempts run out: one of its passes passes the v1 check."""
+    first, revised = parse_answers(text, mode)
+    return mode == "revise" and (_passes_v1_check(first, question) or _passes_v1_check(revised, question))
+
+
 def _pass_scores(text: str, question: Question, mode: Mode, version: Version) -> QuestionScore:
+    """Both passes scored, if the harness would have kept the reply at all; else neither counts."""
+    if not (accepted(text, question, mode) or partial(text, question, mode)):
+        return QuestionScore(first_pass=None, revised=None)
     first, revised = parse_answers(text, mode)
     return QuestionScore(score_question(first, question, version), score_question(revised, question, version))
-
-
-def accepted(text: str, question: Question, mode: Mode, version: Version = "v2") -> bool:
-    """Whether the harness takes this reply without asking again: every pass the mode asks for parses."""
-    scores = _pass_scores(text, question, mode, version)
-    return scores.first_pass is not None and (mode == "no_revise" or scores.revised is not None)
-
-
-def partial(text: str, question: Question, mode: Mode, version: Version = "v2") -> bool:
-    """Whether a revise-mode reply is kept once the attempts run out: one of its passes parses."""
-    scores = _pass_scores(text, question, mode, version)
-    return mode == "revise" and (scores.first_pass is not None or scores.revised is not None)
 
 
 def attempt_temperatures(attempts: int = MAX_ATTEMPTS) -> list[float]:
@@ -439,6 +485,23 @@ def results_file(
     if attempts is not None:
         iteration["attempts"] = dict(attempts)
     return {"eqbench_version": version, "revise": mode == "revise", "raw_results": {"1": iteration}}
+
+
+def system_message(choice: str, chat_template: str | None) -> str | None:
+    """The system message sent with every question: ``harness`` picks the harness's for this chat
+    template (a Llama-2 template, recognised by its ``<<SYS>>`` block, gets "Answer the questions.");
+    ``none`` sends none."""
+    if choice not in SYSTEM_MESSAGES:
+        raise EqBenchInputError(f"EQ-Bench system message {choice!r} is not one of {list(SYSTEM_MESSAGES)}")
+    if choice == "none":
+        return None
+    return LLAMA2_SYSTEM_MESSAGE if chat_template and "<<SYS>>" in chat_template else SYSTEM_MESSAGE
+
+
+def default_max_new_tokens(mode: Mode) -> int:
+    """The harness's reply length: 60 tokens for one set of scores, 600 for first pass, critique and revision."""
+    _check_mode(mode)
+    return _MAX_NEW_TOKENS[mode]
 
 
 def _check_mode(mode: str) -> None:

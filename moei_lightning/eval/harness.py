@@ -23,14 +23,16 @@ from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emotion_prompt import probe_items
 from moei_lightning.eval.eqbench import (
     DEFAULT_MODE,
+    SAMPLINGS,
     EqBenchResult,
     Mode,
     accepted,
     attempt_temperatures,
+    default_max_new_tokens,
     partial,
     question_prompt,
-    questions_version,
     score_responses,
+    system_message,
 )
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.scoring import (
@@ -97,11 +99,18 @@ class Results:
 
 @dataclass(frozen=True)
 class Settings:
-    """How the suites ask: generation lengths, the EQ-Bench mode and the EmoBench protocol."""
+    """How the suites ask: generation lengths, the EQ-Bench mode and generation, the EmoBench protocol.
+
+    ``eqbench_max_new_tokens`` None is the harness's length for the mode; ``eqbench_system_message`` and
+    ``eqbench_sampling`` are ``harness`` (as the reference harness asks) or the named alternatives
+    ``none`` (no system message) and ``plain`` (no top-k or top-p cut).
+    """
 
     max_new_tokens: int = 128
-    eqbench_max_new_tokens: int = 1024
+    eqbench_max_new_tokens: int | None = None
     eqbench_mode: Mode = DEFAULT_MODE
+    eqbench_system_message: str = "harness"
+    eqbench_sampling: str = "harness"
     emobench_protocol: str = emobench_suite.DEFAULT_PROTOCOL
     emobench_max_new_tokens: int = emobench_suite.MAX_NEW_TOKENS
 
@@ -181,7 +190,13 @@ class Harness:
             results.gi = self.choices(inputs.gi, "gi", results)
         if "eqbench" in inputs.names and inputs.eqbench is not None:
             step("eqbench", len(inputs.eqbench.questions))
-            results.eqbench = self.eqbench(inputs.eqbench, settings.eqbench_max_new_tokens, settings.eqbench_mode)
+            results.eqbench = self.eqbench(
+                inputs.eqbench,
+                settings.eqbench_max_new_tokens,
+                settings.eqbench_mode,
+                settings.eqbench_system_message,
+                settings.eqbench_sampling,
+            )
         if "emobench" in inputs.names:
             step("emobench", len(inputs.emobench))
             results.emobench_protocol = settings.emobench_protocol
@@ -210,9 +225,11 @@ class Harness:
         scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
         return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
-        """Greedy (or sampled) continuations; ranks step together (``synced_gpus``): a sharded model needs
-        all at each step."""
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, temperature: float | None = None, unfiltered: bool = True
+    ) -> list[str]:
+        """Greedy (or sampled, with ``unfiltered`` as in :func:`generate_texts`) continuations; ranks step
+        together (``synced_gpus``): a sharded model needs all at each step."""
 
         def run(shard: list[str]) -> list[str]:
             # FSDP2: generate() on an encoder-decoder calls the encoder outside the root's forward, so the
@@ -227,21 +244,37 @@ class Harness:
                     self.generation_batch_size,
                     synced_gpus=self.world_size > 1 and dist.is_initialized(),
                     temperature=temperature,
+                    unfiltered=unfiltered,
                 )
 
         return self._map(lambda shard: by_length(run, shard, len), prompts)
 
-    def eqbench(self, questions: EqBenchQuestions, max_new_tokens: int, mode: Mode = "no_revise") -> EqBenchOutcome:
+    def eqbench(
+        self,
+        questions: EqBenchQuestions,
+        max_new_tokens: int | None = None,
+        mode: Mode = DEFAULT_MODE,
+        system: str = "harness",
+        sampling: str = "harness",
+    ) -> EqBenchOutcome:
         """Ask every question through the chat template as the reference harness does, then score the replies.
+
+        ``max_new_tokens`` None is the harness's reply length for ``mode``; ``system`` and ``sampling`` are
+        ``harness`` or their named alternatives (:class:`Settings`).
 
         Attempt 1 samples every question at temperature 0.01; each later attempt (up to 3) asks the
         questions whose reply did not parse again, 0.15 hotter. A question keeps its first parsing reply,
         else (revise mode) its first reply of which one pass parsed, else its last reply. Every rank sees
         every reply, so all ranks agree on which questions are asked again.
         """
-        asked = questions.questions
-        version = questions_version(asked)
-        prompts = {qid: chat_prompt(self.tokenizer, question_prompt(q, mode)) for qid, q in asked.items()}
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"EQ-Bench sampling {sampling!r} is not one of {list(SAMPLINGS)}")
+        asked, version = questions.questions, questions.version
+        new_tokens = default_max_new_tokens(mode) if max_new_tokens is None else max_new_tokens
+        message = system_message(system, getattr(self.tokenizer, "chat_template", None))
+        prompts = {
+            qid: chat_prompt(self.tokenizer, question_prompt(q, mode, version), message) for qid, q in asked.items()
+        }
         replies: dict[str, str] = {}  # the latest reply of each question
         kept: dict[str, str] = {}  # the reply that parsed
         partials: dict[str, str] = {}  # revise mode: the first reply of which one pass parsed
@@ -250,14 +283,14 @@ class Harness:
         for attempt, temperature in enumerate(attempt_temperatures(), start=1):
             if not pending:
                 break
-            texts = self.generate([prompts[qid] for qid in pending], max_new_tokens, temperature)
+            texts = self.generate([prompts[qid] for qid in pending], new_tokens, temperature, sampling == "plain")
             retry = []
             for qid, text in zip(pending, texts):
                 replies[qid], attempts[qid] = text, attempt
-                if accepted(text, asked[qid], mode, version):
+                if accepted(text, asked[qid], mode):
                     kept[qid] = text
                     continue
-                if partial(text, asked[qid], mode, version):
+                if partial(text, asked[qid], mode):
                     partials.setdefault(qid, text)
                 retry.append(qid)
             pending = retry

@@ -28,7 +28,7 @@ from typing import Any
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, EiRecord, Encoder
 from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import ChoiceOutcome, Harness, OpenOutcome, Results
-from moei_lightning.eval.suites import Item
+from moei_lightning.eval.suites import Item, record_language
 from moei_lightning.eval.text_metrics import GENERATION_KEYS, score_generations
 
 ALL = "all"
@@ -65,8 +65,18 @@ def _aspect_order(key: tuple[str, str]) -> tuple[int, int, str]:
 
 
 def _generation(outcomes: Sequence[OpenOutcome]) -> dict[str, float]:
-    language = outcomes[0].item.language
-    return score_generations([o.prediction for o in outcomes], [o.item.record.output for o in outcomes], language)
+    """Text metrics with each language's tokens; outcomes of several languages are scored per language and
+    averaged weighted by their counts."""
+    by_language: dict[str, list[OpenOutcome]] = defaultdict(list)
+    for outcome in outcomes:
+        by_language[outcome.item.language].append(outcome)
+    total = dict.fromkeys(GENERATION_KEYS, 0.0)
+    for language, group in by_language.items():
+        scores = score_generations([o.prediction for o in group], [o.item.record.output for o in group], language)
+        weight = len(group) / len(outcomes)  # 1.0 for one language: its scores exactly
+        for key in GENERATION_KEYS:
+            total[key] += scores[key] * weight
+    return total
 
 
 def score_rows(choice: Sequence[ChoiceOutcome], open_: Sequence[OpenOutcome]) -> list[Row]:
@@ -135,7 +145,7 @@ def record_items(records: Sequence[EiRecord]) -> list[Item]:
             "eibench" if r.domain == "ei" else "gi",
             r.task,
             r.aspect,
-            "en",
+            record_language(r),
             r,
             r.choices.index(r.output) if r.choices else None,
         )

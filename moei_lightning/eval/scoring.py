@@ -184,12 +184,14 @@ def generate_texts(
     batch_size: int = 16,
     synced_gpus: bool = False,
     temperature: float | None = None,
+    unfiltered: bool = True,
 ) -> list[str]:
-    """Continuations of ``prompts``, in order: greedy, or sampled at ``temperature`` (plain temperature
-    sampling, no top-k or top-p cut); ``synced_gpus`` keeps sharded ranks stepping together."""
+    """Continuations of ``prompts``, in order: greedy, or sampled at ``temperature``; ``unfiltered`` turns
+    off any top-k or top-p cut, else the model's generation config keeps its own (as a caller that sets
+    only the temperature gets). ``synced_gpus`` keeps sharded ranks stepping together."""
     device = next(model.parameters()).device
     sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
-    if temperature is not None:
+    if temperature is not None and unfiltered:
         sampling |= {"top_k": 0, "top_p": 1.0}
     outputs = []
     for start in range(0, len(prompts), batch_size):

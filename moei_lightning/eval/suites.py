@@ -20,6 +20,7 @@ Every problem with an input file is a :class:`~moei_lightning.data.DataError` th
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +29,13 @@ from typing import TypeVar
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_records
 from moei_lightning.eval.emobench import EmoBenchItem, load_emobench
-from moei_lightning.eval.eqbench import EqBenchInputError, Question, load_questions
+from moei_lightning.eval.eqbench import EqBenchInputError, Question, Version, load_questions, questions_version
 from moei_lightning.eval.items import ChoiceItem
 from moei_lightning.eval.mmlu import load_mmlu_csv
 
 SUITES: tuple[str, ...] = ("eibench", "gi", "eqbench", "emobench", "emotion_prompt")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,13 @@ class Item:
 
 @dataclass(frozen=True)
 class EqBenchQuestions:
-    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap."""
+    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap, and
+    ``version`` is the whole file's (a cap to 60 questions must not turn v2 into v1)."""
 
     path: str
     questions: dict[str, Question]
     available: int
+    version: Version = "v2"
 
 
 @dataclass
@@ -90,12 +95,24 @@ def check_suites(suites: Sequence[str]) -> list[str]:
     return [name for name in SUITES if name in suites]
 
 
+def record_language(record: EiRecord) -> str:
+    """The record's ``language`` when it has one, else ``zh`` when its target (or, without one, its prompt)
+    has more Chinese characters than Latin letters, else ``en``: open answers are scored by the
+    language's tokens, and Chinese scored with English tokens gets BLEU and ROUGE of 0."""
+    if record.language:
+        return record.language
+    text = record.output
+    if not (_HAN.search(text) or _LATIN.search(text)):
+        text = f"{record.instruction}{record.input}"
+    return "zh" if len(_HAN.findall(text)) > len(_LATIN.findall(text)) else "en"
+
+
 def eibench_items(paths: Sequence[str], key: str) -> list[Item]:
     """EI records from EiBench JSONL files or folders; choice records score by likelihood, the rest generate."""
     items = []
     for record in _records(paths, key, "ei"):
         answer = record.choices.index(record.output) if record.choices else None
-        items.append(Item("eibench", record.task, record.aspect, "en", record, answer))
+        items.append(Item("eibench", record.task, record.aspect, record_language(record), record, answer))
     return items
 
 
@@ -108,7 +125,8 @@ def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str
                 f"{record.source}: field 'choices': the gi suite scores multiple choice only, and this "
                 f"record (from {key}) has none; add choices or leave the record out of {key}"
             )
-        items.append(Item("gi", record.task, record.aspect, "en", record, record.choices.index(record.output)))
+        answer = record.choices.index(record.output)
+        items.append(Item("gi", record.task, record.aspect, record_language(record), record, answer))
     for dimension, files in mmlu_csv.items():
         if dimension not in GI_ASPECTS:
             raise DataError(
@@ -146,7 +164,9 @@ def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
     except EqBenchInputError as err:
         raise DataError(f"{err} (file from config key eval.eqbench_questions)") from err
     kept = dict(list(questions.items())[:limit]) if limit is not None else questions
-    return EqBenchQuestions(path=str(path), questions=kept, available=len(questions))
+    return EqBenchQuestions(
+        path=str(path), questions=kept, available=len(questions), version=questions_version(questions)
+    )
 
 
 T = TypeVar("T", Item, EmoBenchItem)
