@@ -43,9 +43,8 @@ from moei_lightning.molora import (
     to_peft,
     write_adapter,
 )
-from moei_lightning.pretrained import EXPORT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from moei_lightning.pretrained import EXPORT_FILE, FORMATS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
-FORMATS = ("moei", "peft", "merged", "hf")
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router.weight", "gate.weight", "gate.bias")
 MODULE_PREFIX = "model."  # MoEIModule keeps the Hugging Face model under .model
 SHARDED_METADATA = "meta.pt"  # Lightning's non-tensor checkpoint entries in a sharded checkpoint directory

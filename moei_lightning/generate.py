@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="let the model's own Python files run (some hub models need it); never taken from the export directory",
+    )
     args = parser.parse_args(argv)
     try:
         if args.prompts == "-":
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             if not path.is_file():
                 raise FileNotFoundError(f"prompts file {path} does not exist")
             items = read_prompts(path.read_text(encoding="utf-8").splitlines(), str(path))
-        loaded = from_pretrained(args.adapter, backbone=args.backbone, device=args.device)
+        loaded = from_pretrained(
+            args.adapter, backbone=args.backbone, device=args.device, trust_remote_code=args.trust_remote_code
+        )
         if args.output == "-":
             count = generate(loaded, items, args.max_new_tokens, args.batch_size, sys.stdout)
         else:

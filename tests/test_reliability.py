@@ -254,6 +254,60 @@ def test_export_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
     export_checkpoint(checkpoint, tmp_path / "fresh")  # a new directory needs no flag
 
 
+# --- export directories are data: no code from them ------------------------------------------------
+
+EVIL_MODULE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+def hf_export_dir(directory: Path, **info: object) -> Path:
+    """A ``--format hf`` export of the tiny preset, as ``export`` writes it, with ``info`` over its moei_export.json."""
+    config = BackboneConfig(name_or_path="tiny-llama")
+    load_backbone(config).save_pretrained(directory)
+    load_tokenizer(config).save_pretrained(directory)
+    export = {"format": "hf", "adapter": "lora", "kind": "causal", "backbone": {"name_or_path": "tiny-llama"}}
+    (directory / "moei_export.json").write_text(json.dumps({**export, **info}))
+    return directory
+
+
+def test_an_export_directory_never_makes_its_own_code_run(tmp_path, capsys):
+    marker = tmp_path / "ran-remote-code"
+    directory = hf_export_dir(tmp_path / "export", backbone={"name_or_path": "tiny-llama", "trust_remote_code": True})
+    (directory / "evil.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (directory / "config.json").write_text(json.dumps(config))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+
+    from moei_lightning import from_pretrained
+
+    from_pretrained(directory)
+    cli.main(["generate", "--adapter", str(directory), "--prompts", str(prompts), "--max_new_tokens", "2"])
+    assert json.loads(capsys.readouterr().out)["prompt"] == "How do you feel?"
+    assert not marker.exists()
+
+
+def test_an_export_with_pickled_weights_is_refused_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    directory = hf_export_dir(tmp_path / "export")
+    weights = next(directory.glob("*.safetensors"))
+    torch.save({"model.embed_tokens.weight": Evil(marker)}, directory / "pytorch_model.bin")
+    weights.unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+    capsys.readouterr()  # save_pretrained's progress
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--adapter", str(directory), "--prompts", str(prompts)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "pytorch_model.bin: refused to load" in err and "weights_only" not in err
+    (directory / "moei_export.json").unlink()  # the same directory as a backbone to train
+    with pytest.raises(CheckpointError, match="refused to load a pickled weights file"):
+        load_backbone(BackboneConfig(name_or_path=str(directory)))
+    assert not marker.exists()
+
+
 # --- the command line: one line per user error, --ckpt_path overrides, run directories --------------
 
 
