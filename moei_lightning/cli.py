@@ -43,12 +43,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.checkpoints import read_checkpoint_file, use_atomic_checkpoints
 from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
     DIVERGED_EXIT,
     USER_ERROR_EXIT,
     CheckpointError,
+    CheckpointWriteError,
     ConfigError,
     TrainingDiverged,
     TrainingInterrupted,
@@ -61,8 +62,16 @@ DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a fr
 RUN_DIR_ENV = "MOEI_RUN_DIR"
 DEBUG_ENV = "MOEI_DEBUG"
 CONFIG_FILE = "config.yaml"
-USER_ERRORS = (ConfigError, CheckpointError, DataError, MoLoRAError, FileNotFoundError, FileExistsError)
-"""Exceptions that are bad input, not bugs: one line and exit 2 (``--debug`` shows the traceback)."""
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    CheckpointWriteError,
+    DataError,
+    MoLoRAError,
+    FileNotFoundError,
+    FileExistsError,
+)
+"""Exceptions that are bad input or a full disk, not bugs: one line and exit 2 (``--debug`` shows the traceback)."""
 
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
@@ -346,6 +355,7 @@ class MoEICLI(LightningCLI):
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
                 # Lightning always passes `anonymous`, and W&B warns that the setting does nothing.
                 logger._wandb_init.pop("anonymous", None)
+        use_atomic_checkpoints(trainer)
         if self.subcommand == "fit":
             trainer.callbacks.append(InterruptCheckpoint())
         if self.subcommand == "predict":

@@ -3,6 +3,7 @@
 What each test guards is listed in docs/reliability.md.
 """
 
+import errno
 import json
 import os
 import signal
@@ -14,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from moei_lightning import cli
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint_file
 from moei_lightning.cli import RUN_DIR_ENV, MoEICLI
 from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_records
-from moei_lightning.errors import CheckpointError, ConfigError
+from moei_lightning.errors import CheckpointError, CheckpointWriteError, ConfigError
 from moei_lightning.export import export_checkpoint, load_checkpoint
 from moei_lightning.export import main as export_main
 from moei_lightning.module import check_settings
@@ -26,6 +27,7 @@ from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.strategies import read_checkpoint
 from tests.conftest import PINNED, TINY, run_cli
 
+TINY_FIT = ("fit", "--config", TINY, *PINNED, "--trainer.logger=false")  # tiny.yaml's checkpoints: last.ckpt only
 RECORD = {"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}
 
 
@@ -236,6 +238,42 @@ def test_truncated_or_corrupt_checkpoints_are_errors_that_name_the_file(tmp_path
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match=rf"{name}: not a readable checkpoint, truncated or corrupt"):
             read_checkpoint_file(tmp_path / name)
+
+
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every checkpoint write gets half its bytes onto the disk, then ENOSPC, as on a full disk."""
+    save = torch.save
+
+    def full(obj: object, file: object, *args: object, **kwargs: object) -> None:
+        if ".ckpt" not in str(getattr(file, "name", file)):
+            return save(obj, file, *args, **kwargs)
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
+    io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.ones(3)}}, path)
+    assert read_checkpoint_file(path)["global_step"] == 2
+    fill_the_disk(monkeypatch)
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt: disk full .*the previous last\.ckpt is unchanged"):
+        io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.zeros(3)}}, path)
+    assert read_checkpoint_file(path)["global_step"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_full_disk_stops_fit_with_one_line(tmp_path, capsys, monkeypatch):
+    fill_the_disk(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY_FIT, "--trainer.max_steps=1", f"--run_dir={tmp_path}/run"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "last.ckpt: disk full" in errors[0], errors
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 def test_export_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
@@ -490,3 +528,17 @@ def test_divergence_stops_with_the_step_and_term_and_keeps_the_last_good_checkpo
     last = read_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_a_resumed_fit_keeps_its_newest_state_in_last_ckpt(tmp_path):
+    run = tmp_path / "run"
+    stop = callback_arg("tests.conftest.SignalAtStep", step=2, signum=int(signal.SIGTERM))
+    interrupted = run_cli(*TINY_FIT, "--trainer.max_steps=4", stop, f"--run_dir={run}", cwd=tmp_path)
+    assert interrupted.returncode == 143, interrupted.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    resumed = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)  # into the same run
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert read_checkpoint_file(last)["global_step"] == 4
+
