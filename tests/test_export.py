@@ -94,6 +94,23 @@ def test_molora_exports_load_in_one_call(tmp_path: Path) -> None:
             export_checkpoint(path, tmp_path / fmt, fmt)
 
 
+def test_overwrite_replaces_another_formats_files_and_stale_files_are_never_read(tmp_path: Path) -> None:
+    path, module = make_checkpoint(tmp_path, "molora")
+    expected = logits(module.model, module.tokenizer)
+    out = tmp_path / "out"
+    export_checkpoint(path, out, "hf")
+    (out / "notes.txt").write_text("mine")  # a file no export wrote
+    export_checkpoint(path, out, "moei", overwrite=True)
+    moei_files = {"molora_config.json", "molora_model.safetensors", "moei_export.json"}
+    assert {p.name for p in out.iterdir()} == moei_files | {"notes.txt"}
+    export_checkpoint(path, out, "hf", overwrite=True)
+    assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+    export_checkpoint(path, out, "moei", overwrite=True)
+    (out / "config.json").write_text('{"model_type": "llama", "vocab_size": 7}')  # left by some older tool
+    loaded = moei_lightning.from_pretrained(out)  # the moei export it records, not a model from config.json
+    torch.testing.assert_close(logits(loaded.model, loaded.tokenizer), expected)
+
+
 def test_full_fine_tune_has_no_adapter_format(tmp_path: Path) -> None:
     path, _ = make_checkpoint(tmp_path, "full")
     with pytest.raises(ValueError, match="--format merged"):
