@@ -56,6 +56,7 @@ from moei_lightning.errors import (
 )
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora.errors import MoLoRAError
+from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 
 PROG = "python -m moei_lightning"
 DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
@@ -319,6 +320,8 @@ class MoEICLI(LightningCLI):
         quiet_known_noise(subcommand)
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = resolve_run_dir(config.get("run_dir"), subcommand, config.get("ckpt_path"))
+        if subcommand == "fit":
+            lock_run_dir(run_dir)
         if subcommand != "fit" and (run_dir / CONFIG_FILE).is_file():  # next to a fit: keep its config.yaml
             self.save_config_kwargs["config_filename"] = f"config-{subcommand}.yaml"
         config.run_dir = str(run_dir)
@@ -492,11 +495,12 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
 
 @contextmanager
 def _own_run_dir_env() -> Iterator[None]:
-    """``MOEI_RUN_DIR`` is for the processes this run starts; a later run in this process picks its own."""
+    """``MOEI_RUN_DIR`` and the run directory's lock are this run's; a later run in this process picks its own."""
     before = os.environ.get(RUN_DIR_ENV)
     try:
         yield
     finally:
+        release_run_dirs()
         if before is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,9 @@ from moei_lightning.export import main as export_main
 from moei_lightning.module import check_settings
 from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molora, load_adapter, save_adapter
 from moei_lightning.molora.errors import MoLoRAError
+from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 from moei_lightning.strategies import read_checkpoint
-from tests.conftest import PINNED, TINY, run_cli
+from tests.conftest import PINNED, REPO, TINY, run_cli
 
 TINY_FIT = ("fit", "--config", TINY, *PINNED, "--trainer.logger=false")  # tiny.yaml's checkpoints: last.ckpt only
 RECORD = {"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}
@@ -374,6 +377,30 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
+
+
+def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    hold = f"from moei_lightning.run_lock import lock_run_dir; lock_run_dir({str(run)!r}); print('locked', flush=True)"
+    holder = subprocess.Popen(  # a fit's first process, as far as the lock goes
+        [sys.executable, "-c", f"{hold}; import time; time.sleep(600)"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*TINY_FIT, f"--run_dir={run}"])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"run_dir {run} is in use by another fit (process {holder.pid})" in errors[0]
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs
+        holder.wait()
+    lock_run_dir(run)  # the kernel released the dead process's lock
+    release_run_dirs()
 
 
 def test_unmatched_target_modules_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
