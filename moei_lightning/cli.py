@@ -43,6 +43,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
+from moei_lightning.callbacks.resume import ResumableEnd
 from moei_lightning.checkpoints import read_checkpoint_file, use_atomic_checkpoints
 from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
@@ -360,7 +361,7 @@ class MoEICLI(LightningCLI):
                 logger._wandb_init.pop("anonymous", None)
         use_atomic_checkpoints(trainer)
         if self.subcommand == "fit":
-            trainer.callbacks.append(InterruptCheckpoint())
+            trainer.callbacks.extend([InterruptCheckpoint(), ResumableEnd()])
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(run_dir / "predictions.jsonl"))
         return trainer

@@ -569,3 +569,18 @@ def test_a_resumed_fit_keeps_its_newest_state_in_last_ckpt(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert read_checkpoint_file(last)["global_step"] == 4
 
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_with_more_steps_trains_them(tmp_path):
+    run = tmp_path / "run"
+    finished = run_cli(*TINY_FIT, "--trainer.max_steps=2", f"--run_dir={run}", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    before = read_checkpoint_file(last)
+    assert (before["global_step"], before["epoch"]) == (2, 0)  # 2 of the epoch's batches: not a finished epoch
+    more = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    after = read_checkpoint_file(last)
+    assert after["global_step"] == 4
+    assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+
