@@ -59,6 +59,25 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def check_finite(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint whose model tensors hold NaN or infinite values is an error naming the file and the tensors.
+
+    Such a file comes from a run that diverged before this project refused to save them, or from
+    elsewhere; exporting or evaluating it would only give NaN scores or a misleading divergence error.
+    """
+    state = checkpoint.get("state_dict") or {}
+    bad = sorted(
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())
+    )
+    if bad:
+        raise CheckpointError(
+            f"{path}: this checkpoint holds non-finite values (NaN or infinite in {len(bad)} tensors, e.g. "
+            f"{bad[:3]}); use an earlier checkpoint of the run"
+        )
+
+
 def _short(text: str, limit: int = 200) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
 from moei_lightning.callbacks.resume import ResumableEnd
-from moei_lightning.checkpoints import read_checkpoint_file, use_atomic_checkpoints
+from moei_lightning.checkpoints import check_finite, read_checkpoint_file, use_atomic_checkpoints
 from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
     DIVERGED_EXIT,
@@ -292,7 +292,9 @@ class MoEICLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path {path}: no such file")
         if path.is_dir():
             return  # a sharded checkpoint directory: the strategy reads it, with the config as given
-        hparams = dict(read_checkpoint_file(path).get("hyper_parameters") or {})
+        checkpoint = read_checkpoint_file(path)
+        check_finite(checkpoint, path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return

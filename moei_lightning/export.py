@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.checkpoints import check_finite, read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
     MoLoRAConfig,
@@ -243,9 +243,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        return load_sharded_checkpoint(path)
-    return read_checkpoint_file(path)
+    checkpoint = load_sharded_checkpoint(path) if path.is_dir() else read_checkpoint_file(path)
+    check_finite(checkpoint, path)
+    return checkpoint
 
 
 def load_sharded_checkpoint(path: Path) -> dict[str, Any]:

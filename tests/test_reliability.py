@@ -279,6 +279,23 @@ def test_a_full_disk_stops_fit_with_one_line(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
+def test_a_checkpoint_holding_nan_is_refused_by_export_and_test(tmp_path, capsys):
+    checkpoint = tmp_path / "nan.ckpt"
+    state = {"model.model.layers.0.self_attn.q_proj.lora_A": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    torch.save({"state_dict": state, "hyper_parameters": hparams()}, checkpoint)
+    runs = {
+        "export": lambda: export_main([str(checkpoint), str(tmp_path / "out")]),
+        "test": lambda: cli.main(["test", "--config", TINY, f"--ckpt_path={checkpoint}", f"--run_dir={tmp_path}/r"]),
+    }
+    for name, run in runs.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2, name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{checkpoint}: this checkpoint holds non-finite values" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
     checkpoint = tmp_path / "c.ckpt"
     state = {"model.model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 2)}
