@@ -147,3 +147,31 @@ def test_generate_names_a_bad_prompt_line(tmp_path: Path, capsys: pytest.Capture
         main(["generate", "--adapter", str(tmp_path), "--prompts", str(prompts)])
     assert exit_info.value.code == 2
     assert f"{prompts}:2: a JSON prompt needs" in capsys.readouterr().err
+
+
+def test_generate_reads_prompt_files_as_the_data_readers_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = make_checkpoint(tmp_path, "molora")
+    out = export_checkpoint(path, tmp_path / "adapters")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": "one\u2028two"}, ensure_ascii=False), "plain text"]
+    prompts.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    main(["generate", "--adapter", str(out), "--prompts", str(prompts), "--max_new_tokens", "2"])
+    replies = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
+    assert [reply["prompt"] for reply in replies] == ["one\u2028two", "plain text"]
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9\n".encode("latin-1"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "moei_export.json").write_text('{"format": "moei",')
+    for args, message in (
+        (["--adapter", str(out), "--prompts", str(latin1)], f"{latin1}: not valid UTF-8"),
+        (["--adapter", str(out), "--prompts", str(prompts), "--batch_size", "0"], "--batch_size must be a positive"),
+        (["--adapter", str(broken), "--prompts", str(prompts)], f"{broken / 'moei_export.json'}: not valid JSON"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+
