@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from transformers import (
     T5Config,
     T5Tokenizer,
 )
+
+from moei_lightning.errors import CheckpointError
 
 Kind = Literal["causal", "seq2seq"]
 KindOption = Literal["causal", "seq2seq", "auto"]
@@ -334,6 +337,11 @@ def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: 
             raise FileNotFoundError(hint) from err
     try:
         return loader(str(source), **kwargs)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met something that is not a tensor
+        raise CheckpointError(
+            f"Could not load the backbone {what} from '{source}': refused to load a pickled weights file that holds "
+            "Python objects beyond tensors (loading it could run code); use a .safetensors copy of the model"
+        ) from err
     except OSError as err:
         raise FileNotFoundError(
             f"Could not load the backbone {what} from the directory '{source}': {err}. It should hold a "

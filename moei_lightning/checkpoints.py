@@ -1,21 +1,29 @@
-"""Reading checkpoint files without trusting them.
+"""Checkpoint files on disk: read without trusting them, written so that a failure never costs the last one.
 
 ``torch.load`` with ``weights_only=False`` runs whatever a pickle names, so a crafted ``.ckpt`` can
 execute code the moment it is read. Every checkpoint this project reads goes through
 :func:`read_checkpoint_file`: ``weights_only=True`` (tensors, containers, numbers and strings only,
 plus the classes in :data:`SAFE_GLOBALS`), and a file that is refused, truncated or not a
 checkpoint at all is a :class:`~moei_lightning.errors.CheckpointError` that names it.
+
+Lightning writes a checkpoint to a temporary file under ``/tmp`` and moves it into place, which
+is a copy when ``/tmp`` is another filesystem: a crash or a full disk during that copy leaves half a
+file under the final name. :class:`AtomicCheckpointIO` writes beside the target and renames.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Trainer
 
-from moei_lightning.errors import CheckpointError
+from moei_lightning.errors import CheckpointError, CheckpointWriteError
 
 SAFE_GLOBALS: list[Any] = []
 """Classes a checkpoint may hold beyond what ``weights_only=True`` allows by itself.
@@ -51,6 +59,66 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def check_finite(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint whose model tensors hold NaN or infinite values is an error naming the file and the tensors.
+
+    Such a file comes from a run that diverged before this project refused to save them, or from
+    elsewhere; exporting or evaluating it would only give NaN scores or a misleading divergence error.
+    """
+    state = checkpoint.get("state_dict") or {}
+    bad = sorted(
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())
+    )
+    if bad:
+        raise CheckpointError(
+            f"{path}: this checkpoint holds non-finite values (NaN or infinite in {len(bad)} tensors, e.g. "
+            f"{bad[:3]}); use an earlier checkpoint of the run"
+        )
+
+
 def _short(text: str, limit: int = 200) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a hidden file in the target's directory, then renames it over the target.
+
+    The rename is atomic on one filesystem, so the file under the final name is always a whole
+    checkpoint: the new one, or (after a crash, a kill or a full disk) the previous one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own upload
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = "disk full" if full else "the write failed"
+            fix = f"free space in {target.parent}" if full else f"check that {target.parent} is writable"
+            if target.is_file():
+                then = f"{fix} and resume with --ckpt_path {target}; the previous {target.name} is unchanged"
+            else:
+                then = f"{fix} and run again; no {target.name} was written"
+            raise CheckpointWriteError(
+                f"could not save the checkpoint {target}: {reason} ({err.strerror or err}); {then}"
+            ) from err
+
+
+def use_atomic_checkpoints(trainer: Trainer) -> None:
+    """Give the trainer's strategy :class:`AtomicCheckpointIO`, unless the config chose its own CheckpointIO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+

@@ -43,26 +43,37 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.callbacks.resume import ResumableEnd
+from moei_lightning.checkpoints import check_finite, read_checkpoint_file, use_atomic_checkpoints
 from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
     DIVERGED_EXIT,
     USER_ERROR_EXIT,
     CheckpointError,
+    CheckpointWriteError,
     ConfigError,
     TrainingDiverged,
     TrainingInterrupted,
 )
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora.errors import MoLoRAError
+from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 
 PROG = "python -m moei_lightning"
 DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
 RUN_DIR_ENV = "MOEI_RUN_DIR"
 DEBUG_ENV = "MOEI_DEBUG"
 CONFIG_FILE = "config.yaml"
-USER_ERRORS = (ConfigError, CheckpointError, DataError, MoLoRAError, FileNotFoundError, FileExistsError)
-"""Exceptions that are bad input, not bugs: one line and exit 2 (``--debug`` shows the traceback)."""
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    CheckpointWriteError,
+    DataError,
+    MoLoRAError,
+    FileNotFoundError,
+    FileExistsError,
+)
+"""Exceptions that are bad input or a full disk, not bugs: one line and exit 2 (``--debug`` shows the traceback)."""
 
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
@@ -282,7 +293,9 @@ class MoEICLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path {path}: no such file")
         if path.is_dir():
             return  # a sharded checkpoint directory: the strategy reads it, with the config as given
-        hparams = dict(read_checkpoint_file(path).get("hyper_parameters") or {})
+        checkpoint = read_checkpoint_file(path)
+        check_finite(checkpoint, path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -311,6 +324,8 @@ class MoEICLI(LightningCLI):
         quiet_known_noise(subcommand)
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = resolve_run_dir(config.get("run_dir"), subcommand, config.get("ckpt_path"))
+        if subcommand == "fit":
+            lock_run_dir(run_dir)
         if subcommand != "fit" and (run_dir / CONFIG_FILE).is_file():  # next to a fit: keep its config.yaml
             self.save_config_kwargs["config_filename"] = f"config-{subcommand}.yaml"
         config.run_dir = str(run_dir)
@@ -347,8 +362,9 @@ class MoEICLI(LightningCLI):
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
                 # Lightning always passes `anonymous`, and W&B warns that the setting does nothing.
                 logger._wandb_init.pop("anonymous", None)
+        use_atomic_checkpoints(trainer)
         if self.subcommand == "fit":
-            trainer.callbacks.append(InterruptCheckpoint())
+            trainer.callbacks.extend([InterruptCheckpoint(), ResumableEnd()])
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(run_dir / "predictions.jsonl"))
         return trainer
@@ -483,11 +499,12 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
 
 @contextmanager
 def _own_run_dir_env() -> Iterator[None]:
-    """``MOEI_RUN_DIR`` is for the processes this run starts; a later run in this process picks its own."""
+    """``MOEI_RUN_DIR`` and the run directory's lock are this run's; a later run in this process picks its own."""
     before = os.environ.get(RUN_DIR_ENV)
     try:
         yield
     finally:
+        release_run_dirs()
         if before is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:

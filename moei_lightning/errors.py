@@ -22,6 +22,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not trusted; the message names the file."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, read-only); the previous one is left whole."""
+
+
 class TrainingDiverged(RuntimeError):
     """A loss term, gate or gradient stopped being finite; the message names the step and the term.
 

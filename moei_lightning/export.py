@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.checkpoints import check_finite, read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
     MoLoRAConfig,
@@ -43,14 +45,28 @@ from moei_lightning.molora import (
     to_peft,
     write_adapter,
 )
-from moei_lightning.pretrained import EXPORT_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from moei_lightning.pretrained import EXPORT_FILE, FORMATS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
-FORMATS = ("moei", "peft", "merged", "hf")
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router.weight", "gate.weight", "gate.bias")
 MODULE_PREFIX = "model."  # MoEIModule keeps the Hugging Face model under .model
 SHARDED_METADATA = "meta.pt"  # Lightning's non-tensor checkpoint entries in a sharded checkpoint directory
 SHARDED_MODEL_KEYS = ("state_dict", "model")  # ModelParallelStrategy's and FSDPStrategy's name for the weights
 PROMPT_KEYS = ("prompt_template", "system_prompt", "use_chat_template")
+EXPORT_FILE_PATTERNS = (
+    "molora_*",
+    "adapter_config.json",
+    "adapter_model.*",
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "pytorch_model*.bin*",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "spiece.model",
+)
+"""Names of the files any format writes, for an export from before ``moei_export.json`` listed its files."""
 
 
 def export_checkpoint(
@@ -59,7 +75,9 @@ def export_checkpoint(
     """Write the checkpoint's model to ``output_dir`` in ``format`` (see the module docstring).
 
     An ``output_dir`` that already holds files is an error unless ``overwrite``: exporting over the
-    adapters of another run would lose them without a word.
+    adapters of another run would lose them without a word. With ``overwrite`` the files of the
+    export that was there go, whatever its format, so none is read in place of the new ones; files
+    no export wrote stay. The export is written beside ``output_dir`` first, so a failure leaves it as it was.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -77,7 +95,37 @@ def export_checkpoint(
     molora_settings = MoLoRAConfig.from_dict(_as_dict(hparams.get("molora")))
     molora = None if adapter == "full" else adapter_config(adapter, molora_settings)
     tensors = _model_tensors(checkpoint, checkpoint_path, full=molora is None)
-    output_dir = Path(output_dir)
+    info = {
+        "format": format,
+        "adapter": adapter,
+        "kind": resolve_kind(backbone),
+        "backbone": dataclasses.asdict(backbone),
+        "prompt": {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in PROMPT_KEYS},
+        "checkpoint": str(checkpoint_path),
+    }
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _write_format(format, checkpoint_path, adapter, backbone, molora, tensors, staging)
+        info["files"] = sorted([*(p.name for p in staging.iterdir()), EXPORT_FILE])
+        (staging / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _install(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def _write_format(
+    format: str,
+    checkpoint_path: str | Path,
+    adapter: str,
+    backbone: BackboneConfig,
+    molora: MoLoRAConfig | None,
+    tensors: dict[str, torch.Tensor],
+    output_dir: Path,
+) -> None:
+    """The files of ``format`` (all but ``moei_export.json``) in ``output_dir``."""
     if format == "moei":
         if molora is None:
             raise ValueError(
@@ -95,7 +143,6 @@ def export_checkpoint(
         peft_config, peft_tensors = to_peft(
             molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=backbone.name_or_path
         )
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in peft_tensors.items()}, str(output_dir / PEFT_WEIGHTS_FILE))
     else:
@@ -106,16 +153,36 @@ def export_checkpoint(
                 "(the backbone with the adapters beside it) or moei"
             )
         _save_pretrained(backbone, molora, tensors, output_dir)
-    info = {
-        "format": format,
-        "adapter": adapter,
-        "kind": resolve_kind(backbone),
-        "backbone": dataclasses.asdict(backbone),
-        "prompt": {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in PROMPT_KEYS},
-        "checkpoint": str(checkpoint_path),
-    }
-    (output_dir / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return output_dir
+
+
+def _install(staging: Path, output: Path) -> None:
+    """Move a finished export from ``staging`` into ``output``, removing what an earlier export left there.
+
+    ``moei_export.json`` goes first and comes back last, so a directory caught halfway is never
+    mistaken for a whole export.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    stale = _previous_export_files(output)
+    (output / EXPORT_FILE).unlink(missing_ok=True)
+    new = sorted(p.name for p in staging.iterdir() if p.name != EXPORT_FILE)
+    for name in sorted(stale - set(new)):
+        if (output / name).is_file() or (output / name).is_symlink():
+            (output / name).unlink()
+    for name in [*new, EXPORT_FILE]:
+        os.replace(staging / name, output / name)
+
+
+def _previous_export_files(output: Path) -> set[str]:
+    """The files an earlier export wrote into ``output``: its own list, or (older exports) every export file name."""
+    try:
+        listed = json.loads((output / EXPORT_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and all(isinstance(name, str) and "/" not in name for name in listed):
+        return set(listed)
+    if not (output / EXPORT_FILE).is_file():
+        return set()  # not an export: only the files the new one replaces are touched
+    return {p.name for pattern in EXPORT_FILE_PATTERNS for p in output.glob(pattern)}
 
 
 def _as_dict(saved: Any) -> dict[str, Any]:
@@ -176,9 +243,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        return load_sharded_checkpoint(path)
-    return read_checkpoint_file(path)
+    checkpoint = load_sharded_checkpoint(path) if path.is_dir() else read_checkpoint_file(path)
+    check_finite(checkpoint, path)
+    return checkpoint
 
 
 def load_sharded_checkpoint(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moei_lightning.data import DEFAULT_TEMPLATE, DataError, PromptFormatter
+from moei_lightning.data.records import read_lines
 from moei_lightning.eval.scoring import generate_texts
 from moei_lightning.pretrained import Pretrained, from_pretrained
 
@@ -30,7 +31,7 @@ def read_prompts(lines: Iterable[str], source: str) -> list[dict[str, Any]]:
     """The input lines as objects; blank lines are skipped, a malformed object names its line."""
     items = []
     for number, line in enumerate(lines, start=1):
-        text = line.rstrip("\n")
+        text = line.rstrip("\r\n")
         if not text.strip():
             continue
         if text.lstrip().startswith("{"):
@@ -88,7 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="let the model's own Python files run (some hub models need it); never taken from the export directory",
+    )
     args = parser.parse_args(argv)
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.exit(2, f"error: --{flag} must be a positive integer, got {getattr(args, flag)}\n")
     try:
         if args.prompts == "-":
             items = read_prompts(sys.stdin, "<stdin>")
@@ -96,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(args.prompts)
             if not path.is_file():
                 raise FileNotFoundError(f"prompts file {path} does not exist")
-            items = read_prompts(path.read_text(encoding="utf-8").splitlines(), str(path))
-        loaded = from_pretrained(args.adapter, backbone=args.backbone, device=args.device)
+            items = read_prompts(read_lines(path), str(path))  # U+2028 inside a JSON string is not a line end
+        loaded = from_pretrained(
+            args.adapter, backbone=args.backbone, device=args.device, trust_remote_code=args.trust_remote_code
+        )
         if args.output == "-":
             count = generate(loaded, items, args.max_new_tokens, args.batch_size, sys.stdout)
         else:

@@ -9,6 +9,12 @@ settings (``model.backbone``), the model kind and the prompt settings (``data.pr
 - ``--format hf`` / ``merged``: a ``save_pretrained`` directory (``config.json``, weights, tokenizer),
   plus the MoLoRA files when the adapters route (they cannot be merged);
 - ``--format peft``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, read with PEFT.
+
+The directory is data, never code: ``trust_remote_code`` comes from the caller only, whatever
+``moei_export.json`` says, an attention kernel it names on the hub is refused, and weights load from
+safetensors files only (a pickled ``pytorch_model.bin`` can run code when read). Which files are
+read follows the format ``moei_export.json`` records, so files left over from an earlier export of
+another format are never picked up.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import torch
 from torch import nn
 
 from moei_lightning.backbone import BackboneConfig, Kind, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.errors import CheckpointError
 from moei_lightning.molora import CONFIG_FILE, load_adapter
 
 EXPORT_FILE = "moei_export.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-HF_CONFIG_FILE = "config.json"
+FORMATS = ("moei", "peft", "merged", "hf")
+SELF_CONTAINED = ("hf", "merged")  # formats that hold the model itself, as a save_pretrained directory
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 @dataclass
@@ -50,11 +59,21 @@ def read_export_info(directory: str | Path) -> dict[str, Any]:
             f"{directory} is not a directory written by `python -m moei_lightning export` (no {EXPORT_FILE}; "
             + (f"it holds {found[:10]})" if found is not None else "it does not exist)")
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); export the checkpoint again") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, as `python -m moei_lightning export` writes")
+    return info
 
 
 def from_pretrained(
-    directory: str | Path, *, backbone: str | None = None, device: str | torch.device | None = None
+    directory: str | Path,
+    *,
+    backbone: str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
 ) -> Pretrained:
     """The exported model, ready to generate.
 
@@ -63,20 +82,30 @@ def from_pretrained(
         backbone: where the backbone lives now, when a ``--format moei`` or ``peft`` export was trained on
             a path that does not exist here; default: the path training used.
         device: where to put the model; default: the CPU.
+        trust_remote_code: let the model's own Python files run (some hub models need it). Only this
+            argument decides it: a setting in the directory's files never does.
     """
     directory = Path(directory)
     info = read_export_info(directory)
-    known = {f.name for f in fields(BackboneConfig)}
-    settings = {k: v for k, v in (info.get("backbone") or {}).items() if k in known}
-    if (directory / HF_CONFIG_FILE).is_file():  # a self-contained save_pretrained directory
+    settings = _backbone_settings(info, directory / EXPORT_FILE)
+    settings["trust_remote_code"] = trust_remote_code
+    export_format = info.get("format")
+    if export_format not in FORMATS:
+        raise ValueError(
+            f"{directory / EXPORT_FILE}: format {export_format!r} is not one of {', '.join(FORMATS)}; "
+            "export the checkpoint again"
+        )
+    if export_format in SELF_CONTAINED:
+        _refuse_pickled_weights(directory)
         settings.update(name_or_path=str(directory), tokenizer_name_or_path=None)
     elif backbone is not None:
         settings["name_or_path"] = backbone
     config = BackboneConfig(**settings)
     model = load_backbone(config, device=device)
-    if (directory / CONFIG_FILE).is_file():
+    files = info.get("files")  # what the export wrote; older exports did not list it
+    if (directory / CONFIG_FILE).is_file() and (files is None or CONFIG_FILE in files):
         load_adapter(model, directory)
-    elif (directory / PEFT_CONFIG_FILE).is_file():
+    elif export_format == "peft":
         try:
             from peft import PeftModel
         except ImportError as err:
@@ -84,3 +113,28 @@ def from_pretrained(
         model = PeftModel.from_pretrained(model, str(directory))
     model = model.to(device) if device is not None else model
     return Pretrained(model.eval(), load_tokenizer(config), resolve_kind(config), info.get("prompt") or {})
+
+
+def _backbone_settings(info: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The backbone settings ``moei_export.json`` records, less any that would run code."""
+    known = {f.name for f in fields(BackboneConfig)} - {"trust_remote_code"}
+    settings = {k: v for k, v in (info.get("backbone") or {}).items() if k in known}
+    kernel = settings.get("attn_implementation")
+    if isinstance(kernel, str) and "/" in kernel:
+        raise ValueError(
+            f"{path}: backbone.attn_implementation {kernel!r} names a kernel on the hub, which runs downloaded "
+            "code; set it to null, eager or sdpa in that file"
+        )
+    return settings
+
+
+def _refuse_pickled_weights(directory: Path) -> None:
+    """An export's weights are safetensors; a pickled weights file in their place is refused unread."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
+    if pickled:
+        raise CheckpointError(
+            f"{pickled[0]}: refused to load: exports hold their weights as .safetensors, and a pickled weights "
+            "file can run code when it is read; export the checkpoint again with `python -m moei_lightning export`"
+        )

@@ -94,6 +94,23 @@ def test_molora_exports_load_in_one_call(tmp_path: Path) -> None:
             export_checkpoint(path, tmp_path / fmt, fmt)
 
 
+def test_overwrite_replaces_another_formats_files_and_stale_files_are_never_read(tmp_path: Path) -> None:
+    path, module = make_checkpoint(tmp_path, "molora")
+    expected = logits(module.model, module.tokenizer)
+    out = tmp_path / "out"
+    export_checkpoint(path, out, "hf")
+    (out / "notes.txt").write_text("mine")  # a file no export wrote
+    export_checkpoint(path, out, "moei", overwrite=True)
+    moei_files = {"molora_config.json", "molora_model.safetensors", "moei_export.json"}
+    assert {p.name for p in out.iterdir()} == moei_files | {"notes.txt"}
+    export_checkpoint(path, out, "hf", overwrite=True)
+    assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+    export_checkpoint(path, out, "moei", overwrite=True)
+    (out / "config.json").write_text('{"model_type": "llama", "vocab_size": 7}')  # left by some older tool
+    loaded = moei_lightning.from_pretrained(out)  # the moei export it records, not a model from config.json
+    torch.testing.assert_close(logits(loaded.model, loaded.tokenizer), expected)
+
+
 def test_full_fine_tune_has_no_adapter_format(tmp_path: Path) -> None:
     path, _ = make_checkpoint(tmp_path, "full")
     with pytest.raises(ValueError, match="--format merged"):
@@ -130,3 +147,31 @@ def test_generate_names_a_bad_prompt_line(tmp_path: Path, capsys: pytest.Capture
         main(["generate", "--adapter", str(tmp_path), "--prompts", str(prompts)])
     assert exit_info.value.code == 2
     assert f"{prompts}:2: a JSON prompt needs" in capsys.readouterr().err
+
+
+def test_generate_reads_prompt_files_as_the_data_readers_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = make_checkpoint(tmp_path, "molora")
+    out = export_checkpoint(path, tmp_path / "adapters")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": "one\u2028two"}, ensure_ascii=False), "plain text"]
+    prompts.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    main(["generate", "--adapter", str(out), "--prompts", str(prompts), "--max_new_tokens", "2"])
+    replies = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
+    assert [reply["prompt"] for reply in replies] == ["one\u2028two", "plain text"]
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9\n".encode("latin-1"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "moei_export.json").write_text('{"format": "moei",')
+    for args, message in (
+        (["--adapter", str(out), "--prompts", str(latin1)], f"{latin1}: not valid UTF-8"),
+        (["--adapter", str(out), "--prompts", str(prompts), "--batch_size", "0"], "--batch_size must be a positive"),
+        (["--adapter", str(broken), "--prompts", str(prompts)], f"{broken / 'moei_export.json'}: not valid JSON"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+

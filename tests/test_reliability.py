@@ -3,9 +3,12 @@
 What each test guards is listed in docs/reliability.md.
 """
 
+import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +17,20 @@ from safetensors.torch import load_file, save_file
 
 from moei_lightning import cli
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
-from moei_lightning.checkpoints import read_checkpoint_file
+from moei_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint_file
 from moei_lightning.cli import RUN_DIR_ENV, MoEICLI
 from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_records
-from moei_lightning.errors import CheckpointError, ConfigError
+from moei_lightning.errors import CheckpointError, CheckpointWriteError, ConfigError
 from moei_lightning.export import export_checkpoint, load_checkpoint
 from moei_lightning.export import main as export_main
 from moei_lightning.module import check_settings
 from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molora, load_adapter, save_adapter
 from moei_lightning.molora.errors import MoLoRAError
+from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 from moei_lightning.strategies import read_checkpoint
-from tests.conftest import PINNED, TINY, run_cli
+from tests.conftest import PINNED, REPO, TINY, run_cli
 
+TINY_FIT = ("fit", "--config", TINY, *PINNED, "--trainer.logger=false")  # tiny.yaml's checkpoints: last.ckpt only
 RECORD = {"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}
 
 
@@ -238,6 +243,59 @@ def test_truncated_or_corrupt_checkpoints_are_errors_that_name_the_file(tmp_path
             read_checkpoint_file(tmp_path / name)
 
 
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every checkpoint write gets half its bytes onto the disk, then ENOSPC, as on a full disk."""
+    save = torch.save
+
+    def full(obj: object, file: object, *args: object, **kwargs: object) -> None:
+        if ".ckpt" not in str(getattr(file, "name", file)):
+            return save(obj, file, *args, **kwargs)
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
+    io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.ones(3)}}, path)
+    assert read_checkpoint_file(path)["global_step"] == 2
+    fill_the_disk(monkeypatch)
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt: disk full .*the previous last\.ckpt is unchanged"):
+        io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.zeros(3)}}, path)
+    assert read_checkpoint_file(path)["global_step"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_full_disk_stops_fit_with_one_line(tmp_path, capsys, monkeypatch):
+    fill_the_disk(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY_FIT, "--trainer.max_steps=1", f"--run_dir={tmp_path}/run"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "last.ckpt: disk full" in errors[0], errors
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_a_checkpoint_holding_nan_is_refused_by_export_and_test(tmp_path, capsys):
+    checkpoint = tmp_path / "nan.ckpt"
+    state = {"model.model.layers.0.self_attn.q_proj.lora_A": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    torch.save({"state_dict": state, "hyper_parameters": hparams()}, checkpoint)
+    runs = {
+        "export": lambda: export_main([str(checkpoint), str(tmp_path / "out")]),
+        "test": lambda: cli.main(["test", "--config", TINY, f"--ckpt_path={checkpoint}", f"--run_dir={tmp_path}/r"]),
+    }
+    for name, run in runs.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2, name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{checkpoint}: this checkpoint holds non-finite values" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
     checkpoint = tmp_path / "c.ckpt"
     state = {"model.model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 2)}
@@ -252,6 +310,60 @@ def test_export_refuses_to_overwrite_an_existing_directory(tmp_path, capsys):
     export_main([str(checkpoint), str(out), "--overwrite"])
     assert json.loads((out / "molora_config.json").read_text())["molora"]["num_experts"] == 2
     export_checkpoint(checkpoint, tmp_path / "fresh")  # a new directory needs no flag
+
+
+# --- export directories are data: no code from them ------------------------------------------------
+
+EVIL_MODULE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+def hf_export_dir(directory: Path, **info: object) -> Path:
+    """A ``--format hf`` export of the tiny preset, as ``export`` writes it, with ``info`` over its moei_export.json."""
+    config = BackboneConfig(name_or_path="tiny-llama")
+    load_backbone(config).save_pretrained(directory)
+    load_tokenizer(config).save_pretrained(directory)
+    export = {"format": "hf", "adapter": "lora", "kind": "causal", "backbone": {"name_or_path": "tiny-llama"}}
+    (directory / "moei_export.json").write_text(json.dumps({**export, **info}))
+    return directory
+
+
+def test_an_export_directory_never_makes_its_own_code_run(tmp_path, capsys):
+    marker = tmp_path / "ran-remote-code"
+    directory = hf_export_dir(tmp_path / "export", backbone={"name_or_path": "tiny-llama", "trust_remote_code": True})
+    (directory / "evil.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (directory / "config.json").write_text(json.dumps(config))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+
+    from moei_lightning import from_pretrained
+
+    from_pretrained(directory)
+    cli.main(["generate", "--adapter", str(directory), "--prompts", str(prompts), "--max_new_tokens", "2"])
+    assert json.loads(capsys.readouterr().out)["prompt"] == "How do you feel?"
+    assert not marker.exists()
+
+
+def test_an_export_with_pickled_weights_is_refused_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    directory = hf_export_dir(tmp_path / "export")
+    weights = next(directory.glob("*.safetensors"))
+    torch.save({"model.embed_tokens.weight": Evil(marker)}, directory / "pytorch_model.bin")
+    weights.unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+    capsys.readouterr()  # save_pretrained's progress
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--adapter", str(directory), "--prompts", str(prompts)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "pytorch_model.bin: refused to load" in err and "weights_only" not in err
+    (directory / "moei_export.json").unlink()  # the same directory as a backbone to train
+    with pytest.raises(CheckpointError, match="refused to load a pickled weights file"):
+        load_backbone(BackboneConfig(name_or_path=str(directory)))
+    assert not marker.exists()
 
 
 # --- the command line: one line per user error, --ckpt_path overrides, run directories --------------
@@ -282,6 +394,30 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
+
+
+def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    hold = f"from moei_lightning.run_lock import lock_run_dir; lock_run_dir({str(run)!r}); print('locked', flush=True)"
+    holder = subprocess.Popen(  # a fit's first process, as far as the lock goes
+        [sys.executable, "-c", f"{hold}; import time; time.sleep(600)"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*TINY_FIT, f"--run_dir={run}"])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"run_dir {run} is in use by another fit (process {holder.pid})" in errors[0]
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs
+        holder.wait()
+    lock_run_dir(run)  # the kernel released the dead process's lock
+    release_run_dirs()
 
 
 def test_unmatched_target_modules_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -436,3 +572,32 @@ def test_divergence_stops_with_the_step_and_term_and_keeps_the_last_good_checkpo
     last = read_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_a_resumed_fit_keeps_its_newest_state_in_last_ckpt(tmp_path):
+    run = tmp_path / "run"
+    stop = callback_arg("tests.conftest.SignalAtStep", step=2, signum=int(signal.SIGTERM))
+    interrupted = run_cli(*TINY_FIT, "--trainer.max_steps=4", stop, f"--run_dir={run}", cwd=tmp_path)
+    assert interrupted.returncode == 143, interrupted.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    resumed = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)  # into the same run
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert read_checkpoint_file(last)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_with_more_steps_trains_them(tmp_path):
+    run = tmp_path / "run"
+    finished = run_cli(*TINY_FIT, "--trainer.max_steps=2", f"--run_dir={run}", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    before = read_checkpoint_file(last)
+    assert (before["global_step"], before["epoch"]) == (2, 0)  # 2 of the epoch's batches: not a finished epoch
+    more = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    after = read_checkpoint_file(last)
+    assert after["global_step"] == 4
+    assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+

@@ -82,6 +82,7 @@ class InterruptCheckpoint(Callback):
         if not signum:
             return
         path = self._checkpoint_path(trainer)
+        _claim_last(trainer, path)
         trainer.save_checkpoint(path)
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
@@ -105,3 +106,18 @@ class InterruptCheckpoint(Callback):
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+def _claim_last(trainer: Trainer, path: str) -> None:
+    """Record ``path`` as the ``last.ckpt`` of every ``ModelCheckpoint`` that keeps one in its directory.
+
+    The record goes into the checkpoint (``last_model_path``), so the resumed run's next "last" save
+    overwrites this file; otherwise Lightning finds a ``last.ckpt`` it did not write and saves
+    ``last-v1.ckpt`` beside it, and the newest state is no longer where resuming looks for it.
+    """
+    for callback in trainer.callbacks:
+        if not (isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath):
+            continue
+        if Path(callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)) == Path(path):
+            callback.last_model_path = path
+

@@ -150,6 +150,11 @@ def _read_file(file: Path) -> list[EiRecord]:
     return records
 
 
+def read_lines(file: Path) -> list[str]:
+    """A text file's lines as the data readers take them: UTF-8 (a byte-order mark skipped), ended by ``\n`` only."""
+    return [line.removesuffix("\r") for line in _read_text(file).split("\n")]
+
+
 def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
