@@ -9,7 +9,7 @@ and to ``stats/train.jsonl`` in the run directory.
 Two failures are watched over consecutive windows of ``window`` steps (after the learning-rate
 warm-up): a **loss spike**, a window whose mean training loss is above ``spike_ratio`` times the
 previous window's, and a **gate that reopens on GI prompts**, a window whose mean inter gate on GI
-prompts is above ``GATE_SHUT`` after an earlier window's had fallen below it. Each is printed as a
+prompts is above ``GATE_REOPENED`` after an earlier window's had fallen to ``GATE_SHUT``. Each is printed as a
 warning line with its step when it happens; the fit summary's ``health`` section (``summary.json``)
 carries the worst window ratio, every event and the gate's worst GI window once it had shut.
 """
@@ -31,6 +31,8 @@ from moei_lightning.molora import molora_layers
 
 GATE_SHUT = 0.05
 """A mean inter gate on GI prompts at or below this is shut: GI inputs then flow through the backbone."""
+GATE_REOPENED = 0.1
+"""Above this, a gate that had shut has reopened; between the two it is noise around the shut state."""
 
 _EI, _GI = 0, 1  # the ("ei", all) and ("gi", all) columns of routing.GROUPS
 
@@ -177,13 +179,13 @@ class TrainingHealth(Callback):
             return
         worst = report["gate_gi_worst_after_shut"]
         report["gate_gi_worst_after_shut"] = gate_gi if worst is None else max(worst, gate_gi)
-        was_open = len(report["windows"]) > 1 and (report["windows"][-2]["gate_gi"] or 0.0) > GATE_SHUT
-        if gate_gi > GATE_SHUT and not was_open:
+        was_open = len(report["windows"]) > 1 and (report["windows"][-2]["gate_gi"] or 0.0) > GATE_REOPENED
+        if gate_gi > GATE_REOPENED and not was_open:
             report["gate_reopened"].append({"step": step, "gate_gi": gate_gi})
             self._warn(
                 trainer,
-                f"the inter gate reopened on GI prompts at step {step}: mean {gate_gi:.3f} over the "
-                f"last {self.window} steps, after it had shut (<= {GATE_SHUT}) at step "
+                f"the inter gate reopened on GI prompts at step {step}: mean {gate_gi:.3f} (> {GATE_REOPENED}) over "
+                f"the last {self.window} steps, after it had shut (<= {GATE_SHUT}) at step "
                 f"{report['gate_gi_shut_at_step']}; GI inputs reach the adapters again",
             )
 
