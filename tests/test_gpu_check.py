@@ -57,6 +57,25 @@ def test_smoke_run_writes_every_step(tmp_path: Path) -> None:
     assert (out / "runs" / "tiny-bf16" / "summary.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_rerun_of_some_steps_completes_the_earlier_report(tmp_path: Path) -> None:
+    def run(only: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.run([*command, "--only", only], env=env, capture_output=True, text=True, timeout=300)
+
+    assert run("scale_13b").returncode == 1  # the other steps' targets have no result yet
+    assert run("scale_7b").returncode == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["steps"]) == ["scale_7b", "scale_13b"]  # in the check's order
+    assert all(step["status"] == "ok" and step["result"]["rows"] for step in report["steps"].values())
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets[next(t for t in targets if t.startswith("the whole check"))]["verdict"] == "SKIP"
+    assert "step train_step has not run" in targets[next(iter(targets))]["detail"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert log.index("===== scale_13b: ") < log.index("===== scale_7b: ")
+
+
 def gpu_report(**overrides) -> dict:
     """A finished GPU report with every step's result; MoEI meets every target unless ``overrides`` says not."""
     train = {
