@@ -3,6 +3,7 @@
     python benchmarks/scale_throughput.py                          # LLaMA-2-7B width, 4 layers, bf16, CUDA
     python benchmarks/scale_throughput.py --shape llama2-13b --seq-len 2048
     python benchmarks/scale_throughput.py --device cpu --smoke     # tiny, for CI: does the script still run?
+    python benchmarks/scale_throughput.py --json result.json       # the table's numbers also as JSON
 
 The model is a random-init LLaMA of the real width (hidden size, MLP, heads, vocabulary) with
 only ``--layers`` decoder layers, so one GPU holds it; per-layer costs scale to the full depth.
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny width, 2 layers, 2 steps: checks the script runs")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the settings and every row as JSON")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.layers, args.batch_size, args.seq_len = "smoke", 2, 2, 32
@@ -185,7 +189,15 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs = [("frozen", False)] + [(v, c) for v in ("lora", "moei") for c in (False, True)]
-    print(report(args, [measure(args, variant, checkpointing) for variant, checkpointing in runs]))
+    results = [measure(args, variant, checkpointing) for variant, checkpointing in runs]
+    print(report(args, results))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        cuda = args.device == "cuda"
+        device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+        rows = [dataclasses.asdict(r) for r in results]
+        result = {**settings, "torch": torch.__version__, "device_name": device_name, "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --shape llama2-7b
     python benchmarks/train_step.py --profile molora_8x8_token   # where one step's time goes (torch.profiler)
     python benchmarks/train_step.py --smoke                # tiny, for CI: does the script still run?
+    python benchmarks/train_step.py --json result.json     # the table's numbers also as JSON
 
 A step is what training does: forward, loss, backward, AdamW step, gradients dropped. Variants:
 
@@ -35,11 +36,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, get_args
 
 import torch
@@ -91,6 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--profile", metavar="VARIANT", default=None, help="profile one step of VARIANT instead")
     parser.add_argument("--smoke", action="store_true", help="tiny width, 2 layers, 2 repeats: checks the script runs")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the settings and every row as JSON")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.layers, args.seq_len, args.experts, args.rank, args.repeats = "smoke", 2, 32, 2, 4, 2
@@ -341,11 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names[shift:] + names[:shift]:
             samples[name].append(timed_ms(variants[name].step, args.device, args.clock))
 
-    median = {name: statistics.median(s) for name, s in samples.items()}
-    best = {name: min(s) for name, s in samples.items()}
     reference = next((n for n in names if n.startswith(REFERENCE)), None) or next(
         (n for n in names if n.startswith("lora")), names[0]
     )
+    tokens = int(batch["attention_mask"].sum())
+    rows = {
+        name: table_row(samples[name], samples[reference], tokens, saved[name], peak.get(name), variants[name])
+        for name in names
+    }
     print(f"\n{args.repeats} repeats, {args.clock} clock, ratios against {reference}")
     header = (
         f"| variant | median ms | min ms | spread | x {reference} (median) | x (min) | x (paired) | paired IQR | "
@@ -353,19 +360,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    tokens = int(batch["attention_mask"].sum())
-    for name in names:
-        spread = (max(samples[name]) - best[name]) / median[name]
-        low, paired, high = paired_ratios(samples[name], samples[reference])
-        peak_cell = f"{peak[name] / 2**20:.0f} | " if peak else ""
+    for name, row in rows.items():
+        peak_cell = f"{row['peak_mib']:.0f} | " if peak else ""
+        low, high = row["paired_iqr"]
         print(
-            f"| {name} | {median[name]:.1f} | {best[name]:.1f} | {spread:.1%} | "
-            f"{median[name] / median[reference]:.3f} | {best[name] / best[reference]:.3f} | "
-            f"{paired:.3f} | {low:.3f}-{high:.3f} | "
-            f"{saved[name] / 2**20:.0f} | {peak_cell}{variants[name].state_bytes() / 2**20:.1f} |"
+            f"| {name} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['spread']:.1%} | "
+            f"{row['x_median']:.3f} | {row['x_min']:.3f} | {row['x_paired']:.3f} | {low:.3f}-{high:.3f} | "
+            f"{row['saved_mib']:.0f} | {peak_cell}{row['state_mib']:.1f} |"
         )
-    print("\ntokens/s (real tokens, median): " + ", ".join(f"{n} {tokens / median[n] * 1e3:,.0f}" for n in names))
+    print("\ntokens/s (real tokens, median): " + ", ".join(f"{n} {r['tokens_per_s']:,.0f}" for n, r in rows.items()))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "profile")}
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+        versions = {"torch": torch.__version__, "peft": getattr(peft, "__version__", None)}
+        result = {**settings, **versions, "device_name": device_name, "reference": reference, "tokens": tokens}
+        Path(args.json).write_text(json.dumps({**result, "variants": rows}, indent=2) + "\n")
     return 0
+
+
+def table_row(
+    times: list[float],
+    reference: list[float],
+    tokens: int,
+    saved: int,
+    peak: int | None,
+    variant: Variant,
+) -> dict[str, Any]:
+    """One variant's row: its times, its ratios against the reference's (in ms, per round), memory in MiB."""
+    median, best = statistics.median(times), min(times)
+    low, paired, high = paired_ratios(times, reference)
+    return {
+        "median_ms": median,
+        "min_ms": best,
+        "spread": (max(times) - best) / median,
+        "x_median": median / statistics.median(reference),
+        "x_min": best / min(reference),
+        "x_paired": paired,
+        "paired_iqr": [low, high],
+        "tokens_per_s": tokens / median * 1e3,
+        "saved_mib": saved / 2**20,
+        "peak_mib": None if peak is None else peak / 2**20,
+        "state_mib": variant.state_bytes() / 2**20,
+    }
 
 
 if __name__ == "__main__":

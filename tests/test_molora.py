@@ -261,6 +261,23 @@ def test_cached_generation_equals_uncached_with_trained_adapters(routing: str) -
         assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
 
 
+def test_cached_decoding_reuses_the_prompts_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under prompt routing only the prompt's forward runs the router and gate; cached steps replay its decision."""
+    routed: list[int] = []
+    project = MoLoRALinear._project
+    monkeypatch.setattr(MoLoRALinear, "_project", lambda self, x, n: routed.append(n) or project(self, x, n))
+    for model in (tiny_llama(), tiny_t5()):
+        inject_molora(model, MoLoRAConfig(routing="prompt"))
+        randomize_adapters(model)
+        ids, mask = batch()
+        layers = len(molora_layers(model))
+        for use_cache, forwards in ((True, 1), (False, 6)):
+            routed.clear()
+            model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, use_cache=use_cache)
+            encoder = layers - len([n for n in molora_layers(model) if not n.startswith("encoder.")])
+            assert len(routed) == encoder + (layers - encoder) * forwards  # an encoder runs once per call
+
+
 def teacher_forced_gates(model: nn.Module, prompt: torch.Tensor, target: torch.Tensor, kind: str) -> dict:
     """Gates of one prompt scored with ``target`` appended, as training and choice scoring run it."""
     if kind == "causal":

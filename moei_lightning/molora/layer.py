@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moei_lightning.molora.config import MoLoRAConfig
-from moei_lightning.molora.recorder import RoutingRecorder, Stream
+from moei_lightning.molora.recorder import Decision, RoutingRecorder, Stream
 
 ParameterRole = Literal["experts", "router", "gate"]
 """What a MoLoRA parameter does: expert weights (A, B), the intra router, or the inter gate."""
@@ -97,12 +97,31 @@ class MoLoRALinear(nn.Module):
                 self.recorder.record_uniform(self.name, self.stream, sequences, seq_len, x.device, per_sequence)
             h = F.linear(self._adapter_input(flat_x), self.lora_A)
             return self._accumulate(y, h, self.config.scaling).view(*x.shape[:-1], y.shape[-1])
-        h, logits = self._project(flat_x, seq_len)
-        # (sequences, seq_len or 1, K) fp32, gate and alpha/r folded in; broadcast over each expert's r columns
-        weights = self._expert_weights(logits, seq_len)
+        weights = self._cached_decision(flat_x.shape[0] // seq_len, seq_len)
+        if weights is None:
+            h, logits = self._project(flat_x, seq_len)
+            # (sequences, seq_len or 1, K) fp32, gate and alpha/r folded in; broadcast over each expert's r columns
+            weights = self._expert_weights(logits, seq_len)
+        else:
+            h = F.linear(self._adapter_input(flat_x), self.lora_A)
         experts, rank = self.config.num_experts, self.config.rank
         h = (h.view(weights.shape[0], -1, experts, rank) * weights.unsqueeze(-1).to(h.dtype)).view(h.shape)
         return self._accumulate(y, h, 1.0).view(*x.shape[:-1], y.shape[-1])
+
+    def _cached_decision(self, sequences: int, seq_len: int) -> torch.Tensor | None:
+        """Under prompt routing, during cached decoding: the expert weights the prompt got, recorded again.
+
+        A decoding step adds tokens to sequences whose prompt has been routed, so it reuses that
+        decision (kept by :meth:`_expert_weights`) instead of running the router and the gate again.
+        """
+        recorder = self.recorder
+        if self.config.routing != "prompt" or recorder is None or not recorder.is_incremental(self.stream, seq_len):
+            return None
+        decision = recorder.decisions.get(self.name)
+        if decision is None or decision.weights.shape[0] != sequences:
+            return None
+        recorder.record(self.name, self.stream, decision.gate_logit, decision.probs, per_sequence=True)
+        return decision.weights
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout, then the adapters' dtype; under autocast the matmul casts by itself, so no fp32 copy is made."""
@@ -171,18 +190,20 @@ class MoLoRALinear(nn.Module):
                 expert_probs = weights / (1.0 - probs[..., :1]).clamp_min(torch.finfo(probs.dtype).tiny)
             else:
                 gate_logit, expert_probs, weights = None, probs, probs
+            weights = weights * self.config.scaling  # prompt routing: one decision, broadcast over its tokens
             if self.recorder is not None:
-                self.recorder.record(
-                    self.name, self.stream, gate_logit, expert_probs, per_sequence=self.config.routing == "prompt"
-                )
-            return weights * self.config.scaling  # prompt routing: one decision, broadcast over its tokens
+                prompt = self.config.routing == "prompt"
+                self.recorder.record(self.name, self.stream, gate_logit, expert_probs, per_sequence=prompt)
+                if prompt:
+                    self.recorder.decisions[self.name] = Decision.of(weights, gate_logit, expert_probs)
+            return weights
 
     def _routing_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token routing sees each token; prompt routing sees the mean of each sequence's prompt tokens.
 
         ``tokens`` is (sequences, seq_len, d_in). The recorder says which tokens are the prompt; the
-        decoder of an encoder-decoder model routes from the pooled encoder output instead. Under
-        cached decoding a sequence keeps the routing it got from its prompt.
+        decoder of an encoder-decoder model routes from the pooled encoder output instead. Cached
+        decoding never gets here: a sequence keeps the decision its prompt got (:meth:`_cached_decision`).
         """
         if self.config.routing == "token":
             return tokens
@@ -192,16 +213,11 @@ class MoLoRALinear(nn.Module):
             return tokens.mean(dim=1, keepdim=True)
         if self.stream == "decoder" and recorder.encoder_summary is not None:
             return self._encoder_prompt(recorder.encoder_summary, batch)
-        if recorder.is_incremental(self.stream, length) and self.name in recorder.prompt_cache:
-            return recorder.prompt_cache[self.name]
         mask = recorder.prompt_token_mask(self.stream, batch, length)
         if mask is None:
-            pooled = tokens.mean(dim=1, keepdim=True)
-        else:
-            weights = mask.to(tokens.dtype).unsqueeze(-1)
-            pooled = (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
-        recorder.prompt_cache[self.name] = pooled.detach()
-        return pooled
+            return tokens.mean(dim=1, keepdim=True)
+        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        return (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
 
     def _encoder_prompt(self, summary: torch.Tensor, batch: int) -> torch.Tensor:
         """The pooled encoder output (sequences, 1, d_model), checked against this layer's input width."""

@@ -55,6 +55,23 @@ class RoutingRecord:
         return self.probs.device
 
 
+@dataclass(frozen=True)
+class Decision:
+    """A prompt-routed layer's decision for each sequence, outside autograd, for cached decoding to reuse.
+
+    ``weights`` (sequences, 1, K) are the expert weights ``g * p_k * alpha / r``; ``gate_logit``
+    (sequences, 1, 1) or ``None`` and ``probs`` (sequences, 1, K) are what the layer records.
+    """
+
+    weights: torch.Tensor
+    gate_logit: torch.Tensor | None
+    probs: torch.Tensor
+
+    @classmethod
+    def of(cls, weights: torch.Tensor, gate_logit: torch.Tensor | None, probs: torch.Tensor) -> Decision:
+        return cls(weights.detach(), None if gate_logit is None else gate_logit.detach(), probs.detach())
+
+
 class RealTokens:
     """Which cells of a (batch, length) grid are real tokens, for every layer of one stream in one forward.
 
@@ -130,7 +147,7 @@ class RoutingRecorder:
         self.continues_cache = False
         self.prompt_mask: torch.Tensor | None = None
         self.forward_prompt: torch.Tensor | None = None  # the prompt mask the current forward started with
-        self.prompt_cache: dict[str, torch.Tensor] = {}
+        self.decisions: dict[str, Decision] = {}  # per prompt-routed layer, from the last forward that routed
         self.encoder_summary: torch.Tensor | None = None
         self._real_tokens: dict[tuple[Stream, int, int], RealTokens] = {}
 
