@@ -63,9 +63,10 @@ class MoEIModule(LightningModule):
         gate_loss_balance: weigh EI and GI decisions equally in the inter-gate loss (each class's mean,
             halved), whatever the batch's mix; otherwise every decision counts once, and the EI
             majority pulls undecided gates open.
-        router_lr_scale: the router and the inter gate train at ``lr * router_lr_scale`` (their own
-            optimizer group): the gate must end near 0 on GI, which the adapters' rate is too slow
-            to reach in a short run.
+        router_lr_scale: the intra router trains at ``lr * router_lr_scale`` (its own optimizer group).
+        gate_lr_scale: the inter gate trains at ``lr * gate_lr_scale`` (its own optimizer group): it must
+            end near 0 on GI, which the adapters' rate is too slow to reach in a short run.
+            ``None``: ``router_lr_scale``.
         optimizer: the optimizer class and its arguments; it only ever sees trainable parameters.
         warmup_steps: linear warm-up steps of the cosine schedule; a value below 1 is a fraction of
             the total training steps.
@@ -86,6 +87,7 @@ class MoEIModule(LightningModule):
         lambda_bal: float = 0.0,
         gate_loss_balance: bool = True,
         router_lr_scale: float = 10.0,
+        gate_lr_scale: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: float = 0.03,
         min_lr_ratio: float = 0.0,
@@ -103,6 +105,7 @@ class MoEIModule(LightningModule):
             min_lr_ratio=min_lr_ratio,
             max_new_tokens=max_new_tokens,
             router_lr_scale=router_lr_scale,
+            gate_lr_scale=router_lr_scale if gate_lr_scale is None else gate_lr_scale,
         )
         self.save_hyperparameters(ignore=["optimizer"])
         for key in ("backbone", "molora"):  # checkpoints hold plain values only (read with weights_only=True)
@@ -118,6 +121,7 @@ class MoEIModule(LightningModule):
         self.molora_config = adapter_config(adapter, molora)
         self.lambda_inter, self.lambda_gi_lm, self.lambda_bal = lambda_inter, lambda_gi_lm, lambda_bal
         self.gate_loss_balance, self.router_lr_scale = gate_loss_balance, router_lr_scale
+        self.gate_lr_scale = router_lr_scale if gate_lr_scale is None else gate_lr_scale
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.max_new_tokens = max_new_tokens
@@ -317,14 +321,14 @@ class MoEIModule(LightningModule):
         return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """One optimizer group per parameter role; the router and the gate train at ``lr * router_lr_scale``."""
+        """One optimizer group per parameter role; the router and the gate train at their own multiple of ``lr``."""
         groups = self.parameter_groups()
         if not groups:
             raise ValueError("the model has no trainable parameter; check model.adapter and molora.target_modules")
         optimizer = self.optimizer_factory([{"params": params, "name": role} for role, params in groups.items()])
+        scales = {"router": self.router_lr_scale, "gate": self.gate_lr_scale}
         for group in optimizer.param_groups:
-            if group["name"] in ROUTING_ROLES:
-                group["lr"] *= self.router_lr_scale
+            group["lr"] *= scales.get(group["name"], 1.0)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -411,9 +415,6 @@ class MoEIModule(LightningModule):
         return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
 
-ROUTING_ROLES = ("router", "gate")
-"""The parameter roles that train at ``lr * router_lr_scale``."""
-
 DIVERGENCE_HINT = (
     "no checkpoint was written after this, so the last one saved is intact; lower the learning rate "
     "(model.optimizer.init_args.lr), check model.molora.alpha and the lambda_* weights, or resume from that checkpoint"
@@ -430,6 +431,7 @@ def check_settings(**settings: float) -> None:
         "min_lr_ratio": (0, 1, "a number in [0, 1]"),
         "max_new_tokens": (1, math.inf, "a positive integer"),
         "router_lr_scale": (0, math.inf, "a finite number >= 0"),
+        "gate_lr_scale": (0, math.inf, "a finite number >= 0 or null"),
     }
     for key, value in settings.items():
         low, high, expected = ranges[key]
