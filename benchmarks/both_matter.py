@@ -212,11 +212,17 @@ def fit_all(args: argparse.Namespace, jobs: list[tuple[str, float, int, int]], w
         (args.config, m, lr, seed, work / f"{m}-lr{lr:g}-s{seed}-t{threads}", args.extra, splits, threads)
         for m, lr, seed, threads in jobs
     ]
-    if args.jobs <= 1:
-        return [fit(*call) for call in calls]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        return list(pool.map(_fit_call, calls))
+    results: dict[int, dict[str, Any]] = {}
+    for threads in sorted({call[-1] for call in calls}):
+        group = [i for i, call in enumerate(calls) if call[-1] == threads]
+        # Never more threads than cores: an oversubscribed OpenMP team spin-waits and runs many times slower.
+        jobs = max(1, min(args.jobs, (os.cpu_count() or 1) // threads))
+        if jobs == 1:
+            results |= {i: fit(*calls[i]) for i in group}
+            continue
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results |= dict(zip(group, pool.map(_fit_call, [calls[i] for i in group])))
+    return [results[i] for i in range(len(calls))]
 
 
 def _fit_call(call: tuple) -> dict[str, Any]:
@@ -442,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="runs/both_matter", help="where the runs' directories go")
     parser.add_argument("--no-search", action="store_true", help="every grid's first rate for every seed")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: torch's)")
-    parser.add_argument("--jobs", type=int, default=1, help="fits at once, each in its own process")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="fits at once, each in its own process (at most cores / threads)"
+    )
     parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
     args = parser.parse_args(argv)
     if args.quick:

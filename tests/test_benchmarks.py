@@ -27,3 +27,62 @@ def test_train_step_benchmark_smoke(capsys: pytest.CaptureFixture) -> None:
     assert rows["peft_lora_r8"][6].strip() == "1.000-1.000"
     assert benchmark.paired_ratios([2.0, 3.0, 8.0], [1.0, 2.0, 4.0]) == (1.75, 2.0, 2.0)
     assert all(float(cells[0]) > 0 for name, cells in rows.items() if name != "variant")
+
+
+def _run(ei: float, gi: float, reading: float, gate_gi: float, ratio: float) -> dict:
+    return {
+        "ei": ei,
+        "gi": gi,
+        "gi_dims": {"knowledge": 100.0, "reading": reading},
+        "gate_ei": 0.99,
+        "gate_gi": gate_gi,
+        "health": {"worst_loss_ratio": ratio, "gate_gi_worst_after_shut": gate_gi, "trajectory": [[25, 0.9, gate_gi]]},
+    }
+
+
+def _results(moei: list[dict], lora: list[dict]) -> dict:
+    def method(runs: list[dict]) -> dict:
+        return {
+            "lr": 3e-3,
+            "runs": [{"seed": i % 2, "threads": 1 + i // 2} for i in range(len(runs))],
+            "ei": [r["ei"] for r in runs],
+            "gi": [r["gi"] for r in runs],
+            "gate_ei": [r["gate_ei"] for r in runs],
+            "gate_gi": [r["gate_gi"] for r in runs],
+            "ei_aspects": [{"perception": r["ei"]} for r in runs],
+            "gi_dimensions": [r["gi_dims"] for r in runs],
+            "health": [r["health"] for r in runs],
+            "wall_s": [1.0 for _ in runs],
+        }
+
+    base = {
+        "ei": 25.0,
+        "gi": 100.0,
+        "ei_aspects": {"perception": 25.0},
+        "gi_dimensions": {"knowledge": 100.0, "reading": 100.0},
+    }
+    return {"base": base, "threads": [1, 2], "methods": {"moei": method(moei), "lora": method(lora)}}
+
+
+def test_both_matter_checks_every_run_and_the_paired_difference() -> None:
+    bench = load_benchmark("both_matter")
+    good = [_run(60.0 + i, 99.8, 100.0, 0.01, 1.2) for i in range(4)]
+    lora = [_run(58.0 + 2 * i, 90.0, 80.0, 1.0, 1.1) for i in range(4)]
+    checks = dict((text.split(" (")[0], ok) for text, ok in bench.targets(_results(good, lora)))
+    assert all(checks.values()), checks
+    texts = [text for text, _ in bench.targets(_results(good, lora))]
+    # differences 2, 1, 0, -1: mean +0.5, sd 1.29, t(3) 3.182 -> half-width 2.05
+    assert "mean difference +0.5 points, 95 % interval [-1.6, +2.6] over 4 paired runs" in texts[-1]
+
+    # one run of four losing a reading item too many, one spiking, one leaking: each rule fails on its own
+    for bad, rule in (
+        (_run(61.0, 99.0, 97.0, 0.01, 1.2), "MoEI every GI dimension within 2 points in every run"),
+        (_run(61.0, 99.8, 100.0, 0.01, 2.5), "No loss spike in any MoEI run"),
+        (_run(61.0, 99.8, 100.0, 0.2, 1.2), "MoEI gate on GI <= 0.05 in every run"),
+        (_run(61.0, 98.5, 100.0, 0.01, 1.2), "MoEI GI change >= -1.0 in every run"),
+    ):
+        checks = dict((text.split(" (")[0], ok) for text, ok in bench.targets(_results([*good[:3], bad], lora)))
+        assert [name for name, ok in checks.items() if not ok] == [rule]
+
+    table = bench.run_table(_results(good, lora), "moei")
+    assert table.splitlines()[2] == "| 0 | 1 | +35.0 | -0.2 | knowledge +0.0 | 0.990 | 0.010 | 1.20 | 0.010 |"
