@@ -55,7 +55,7 @@ from moei_lightning.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-from moei_lightning.module import MoEIModule
+from moei_lightning.module import GRADIENT_CLIP_NORM, MoEIModule
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 
@@ -253,6 +253,8 @@ class MoEICLI(LightningCLI):
             help="Directory for this run's config, checkpoints and logs (default: the run directory of "
             "--ckpt_path, else runs/<timestamp>-<subcommand>).",
         )
+        # Clipping on by default (trainer.gradient_clip_val: 0 turns it off): see module.GRADIENT_CLIP_NORM.
+        parser.set_defaults({"trainer.gradient_clip_val": GRADIENT_CLIP_NORM})
         # Router statistics, per-aspect metrics and the progress bar for every config (docs/monitoring.md).
         from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback, TrainingHealth
 

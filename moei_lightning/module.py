@@ -64,9 +64,11 @@ class MoEIModule(LightningModule):
             halved), whatever the batch's mix; otherwise every decision counts once, and the EI
             majority pulls undecided gates open.
         router_lr_scale: the intra router trains at ``lr * router_lr_scale`` (its own optimizer group).
+            At the adapters' rate its softmax stays soft while the experts learn; a fast router turns
+            one-hot within tens of steps and freezes an early, seed-dependent split of the tasks
+            over the experts (docs/synthetic.md, "Training health").
         gate_lr_scale: the inter gate trains at ``lr * gate_lr_scale`` (its own optimizer group): it must
             end near 0 on GI, which the adapters' rate is too slow to reach in a short run.
-            ``None``: ``router_lr_scale``.
         optimizer: the optimizer class and its arguments; it only ever sees trainable parameters.
         warmup_steps: linear warm-up steps of the cosine schedule; a value below 1 is a fraction of
             the total training steps.
@@ -86,8 +88,8 @@ class MoEIModule(LightningModule):
         lambda_gi_lm: float = 0.0,
         lambda_bal: float = 0.0,
         gate_loss_balance: bool = True,
-        router_lr_scale: float = 10.0,
-        gate_lr_scale: float | None = None,
+        router_lr_scale: float = 1.0,
+        gate_lr_scale: float = 10.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: float = 0.03,
         min_lr_ratio: float = 0.0,
@@ -105,7 +107,7 @@ class MoEIModule(LightningModule):
             min_lr_ratio=min_lr_ratio,
             max_new_tokens=max_new_tokens,
             router_lr_scale=router_lr_scale,
-            gate_lr_scale=router_lr_scale if gate_lr_scale is None else gate_lr_scale,
+            gate_lr_scale=gate_lr_scale,
         )
         self.save_hyperparameters(ignore=["optimizer"])
         for key in ("backbone", "molora"):  # checkpoints hold plain values only (read with weights_only=True)
@@ -121,7 +123,7 @@ class MoEIModule(LightningModule):
         self.molora_config = adapter_config(adapter, molora)
         self.lambda_inter, self.lambda_gi_lm, self.lambda_bal = lambda_inter, lambda_gi_lm, lambda_bal
         self.gate_loss_balance, self.router_lr_scale = gate_loss_balance, router_lr_scale
-        self.gate_lr_scale = router_lr_scale if gate_lr_scale is None else gate_lr_scale
+        self.gate_lr_scale = gate_lr_scale
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.max_new_tokens = max_new_tokens
@@ -415,6 +417,12 @@ class MoEIModule(LightningModule):
         return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
 
+GRADIENT_CLIP_NORM = 1.0
+"""The CLI's default ``trainer.gradient_clip_val`` (global L2 norm). A batch whose prompts sit on the
+wrong side of a confident inter gate sends a large gate-loss gradient through the layers below it; at
+the gate's high rate, unclipped, such batches reopened shut gates and moved what the experts had
+learned (docs/synthetic.md, "Training health")."""
+
 DIVERGENCE_HINT = (
     "no checkpoint was written after this, so the last one saved is intact; lower the learning rate "
     "(model.optimizer.init_args.lr), check model.molora.alpha and the lambda_* weights, or resume from that checkpoint"
@@ -431,7 +439,7 @@ def check_settings(**settings: float) -> None:
         "min_lr_ratio": (0, 1, "a number in [0, 1]"),
         "max_new_tokens": (1, math.inf, "a positive integer"),
         "router_lr_scale": (0, math.inf, "a finite number >= 0"),
-        "gate_lr_scale": (0, math.inf, "a finite number >= 0 or null"),
+        "gate_lr_scale": (0, math.inf, "a finite number >= 0"),
     }
     for key, value in settings.items():
         low, high, expected = ranges[key]

@@ -33,13 +33,14 @@ SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "
 TINY = str(REPO / "conf" / "tiny.yaml")
 SAMPLES = REPO / "moei_lightning" / "data" / "samples"
 # Tests that run conf/tiny.yaml for what it does (fits, resumes, signals, DDP/FSDP), not for the embedded default's
-# model, adapted layers, router rate and data, pin these here: the small random tiny-llama with the family's default
-# targets (q_proj, v_proj), routers at 10x the adapters' rate (at the default's 100x, 2-rank and 1-rank adapters
+# model, adapted layers, routing rates and data, pin these here: the small random tiny-llama with the family's default
+# targets (q_proj, v_proj), router and gate at 10x the adapters' rate (at 100x, 2-rank and 1-rank adapters
 # drift apart by 2.5e-5 in 4 steps, past test_distributed's 1e-5), on the small bundled samples.
 PINNED = [
     "--model.backbone.name_or_path=tiny-llama",
     "--model.molora.target_modules=null",
     "--model.router_lr_scale=10",
+    "--model.gate_lr_scale=10",
     *(f"--data.{d}_{s}=[{SAMPLES / d / f'{s}.jsonl'}]" for d in ("ei", "gi") for s in ("train", "val", "test")),
 ]
 
