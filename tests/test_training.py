@@ -8,8 +8,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import MoEIDataModule
-from moei_lightning.module import MoEIModule
-from moei_lightning.molora import MoLoRAConfig
+from moei_lightning.module import MoEIModule, inter_loss
+from moei_lightning.molora import MoLoRAConfig, RoutingRecord
 from tests.conftest import PINNED, TINY, run_cli
 
 
@@ -130,3 +130,15 @@ def test_a_backbone_module_named_gate_trains_at_the_backbone_rate_under_full_fin
     module.trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
     optimizer = module.configure_optimizers()["optimizer"]
     assert [(g["name"], g["initial_lr"]) for g in optimizer.param_groups] == [("backbone", 2e-3)]
+
+
+def test_a_gate_saturated_on_the_wrong_side_still_gets_its_gradient() -> None:
+    logit = torch.tensor([30.0, -30.0], requires_grad=True)
+    gate = torch.sigmoid(logit)
+    assert gate[0].item() == 1.0  # fp32 rounds the open gate to 1: a BCE on it clamps at 100 and passes nothing
+    record = RoutingRecord(gate, torch.ones(2, 1), torch.tensor([0, 1]), "decoder", gate_logit=logit)
+    domain = torch.tensor([0, 1])  # a GI prompt on a wide-open gate, an EI prompt on a shut one
+    loss = inter_loss([record], domain, balanced=True)
+    loss.backward()
+    assert loss.item() == pytest.approx(30.0)  # half of each class's BCE, 30 nats each
+    assert logit.grad.tolist() == pytest.approx([0.5, -0.5])  # the full pull back, halved by the class balance
