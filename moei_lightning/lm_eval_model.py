@@ -1,7 +1,8 @@
 """lm-evaluation-harness on an export: ``python -m moei_lightning lm-eval --adapter DIR --tasks mmlu,arc_challenge``.
 
 :class:`MoEILM` is lm-eval's ``HFLM`` over ``moei_lightning.from_pretrained(DIR)`` (any export format),
-registered as lm-eval model ``moei``, so tasks run with lm-eval's own prompts, metrics and aggregation.
+registered as lm-eval model ``moei``, so tasks run with lm-eval's own prompts, metrics and aggregation;
+``adapters=False`` (``--backbone_only``) evaluates the backbone the adapters were trained on.
 Only the log-likelihood forward is its own: with prompt routing (MoLoRA) each request is routed from
 its context tokens alone, never its continuation, through the project's scorer
 (:func:`~moei_lightning.eval.scoring.routed_logits`), as choice scoring does in training and
@@ -49,13 +50,16 @@ class MoEILM(HFLM):
         batch_size: int | str = 1,
         max_length: int | None = None,
         trust_remote_code: bool = False,
+        adapters: bool = True,
         **kwargs: Any,
     ) -> None:
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer for the moei model, got {batch_size!r}")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # as HFLM does: lm-eval's default is cuda:0
-        loaded = from_pretrained(adapter, backbone=backbone, device=device, trust_remote_code=trust_remote_code)
+        loaded = from_pretrained(
+            adapter, backbone=backbone, device=device, trust_remote_code=trust_remote_code, adapters=adapters
+        )
         super().__init__(
             pretrained=loaded.model,
             backend=loaded.kind,
@@ -124,8 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
     parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
+    parser.add_argument(
+        "--backbone_only",
+        action="store_true",
+        help="evaluate the export's backbone without its adapters (moei and peft exports, hf exports of MoEI runs)",
+    )
     args, rest = parser.parse_known_args(argv)
-    model_args = {key: value for key, value in vars(args).items() if value is not None}
+    model_args = {"adapter": args.adapter, "backbone": args.backbone, "adapters": not args.backbone_only}
+    model_args = {key: value for key, value in model_args.items() if value is not None}
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 

@@ -12,6 +12,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import moei_lightning  # noqa: E402
+from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer  # noqa: E402
 from moei_lightning.cli import main  # noqa: E402
 from moei_lightning.data import EiRecord, Encoder, PromptFormatter  # noqa: E402
 from moei_lightning.eval.scoring import choice_loglikelihoods  # noqa: E402
@@ -103,6 +104,22 @@ def test_moei_scores_as_the_projects_scorer_routed_from_the_context(tmp_path: Pa
     # HFLM alone routes each request from its whole sequence, continuation included: other numbers
     _, whole_sequence = evaluate(HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=3), tasks)
     assert max_difference(whole_sequence, [s.logprobs for s in scores]) > 0.05  # measured: 0.082
+
+
+def test_backbone_only_scores_as_hflm_on_the_backbone(tmp_path: Path) -> None:
+    path, _ = make_checkpoint(tmp_path, "molora")
+    tasks = write_task(tmp_path / "tasks", [f"Question: {q}\nAnswer:" for q, _, _ in QUESTIONS])
+    config = BackboneConfig(name_or_path="tiny-llama")
+    hflm = HFLM(pretrained=load_backbone(config).eval(), tokenizer=load_tokenizer(config))
+    theirs, their_logprobs = evaluate(hflm, tasks)
+    for fmt in ("moei", "hf"):
+        adapter = export_checkpoint(path, tmp_path / fmt, fmt)
+        ours, our_logprobs = evaluate(MoEILM(adapter=str(adapter), adapters=False), tasks)
+        assert ours == theirs
+        assert max_difference(our_logprobs, their_logprobs) < 1e-5
+    merged = export_checkpoint(make_checkpoint(tmp_path, "lora")[0], tmp_path / "merged", "merged")
+    with pytest.raises(ValueError, match="lora adapters merged into the weights"):
+        MoEILM(adapter=str(merged), adapters=False)
 
 
 def test_command_prints_lm_evals_table_and_writes_its_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
