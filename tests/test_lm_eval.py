@@ -8,6 +8,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'moei_lightning[lm-eval]')")
 
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -15,7 +16,7 @@ import moei_lightning  # noqa: E402
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer  # noqa: E402
 from moei_lightning.cli import main  # noqa: E402
 from moei_lightning.data import EiRecord, Encoder, PromptFormatter  # noqa: E402
-from moei_lightning.eval.scoring import choice_loglikelihoods  # noqa: E402
+from moei_lightning.eval.scoring import choice_loglikelihoods, generate_texts  # noqa: E402
 from moei_lightning.export import export_checkpoint  # noqa: E402
 from moei_lightning.lm_eval_model import MoEILM  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
@@ -104,6 +105,19 @@ def test_moei_scores_as_the_projects_scorer_routed_from_the_context(tmp_path: Pa
     # HFLM alone routes each request from its whole sequence, continuation included: other numbers
     _, whole_sequence = evaluate(HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=3), tasks)
     assert max_difference(whole_sequence, [s.logprobs for s in scores]) > 0.05  # measured: 0.082
+
+
+def test_generate_until_replies_as_the_projects_generation(tmp_path: Path) -> None:
+    adapter = export_checkpoint(make_checkpoint(tmp_path, "molora")[0], tmp_path / "moei")
+    lm = MoEILM(adapter=str(adapter), batch_size=2)
+    prompts = ["How do you feel today?", "Name the emotion: I lost my keys again and again!"]
+    requests = [
+        Instance("generate_until", {}, (prompt, {"until": ["<never>"], "max_gen_toks": 8, "do_sample": False}), i)
+        for i, prompt in enumerate(prompts)
+    ]
+    replies = [reply.strip() for reply in lm.generate_until(requests)]
+    assert replies == generate_texts(lm.model, lm.tokenizer, "causal", prompts, max_new_tokens=8)
+    assert all(replies)
 
 
 def test_backbone_only_scores_as_hflm_on_the_backbone(tmp_path: Path) -> None:
