@@ -5,8 +5,8 @@ so ``--data.max_length=256`` also reaches every ``${data.max_length}`` in the YA
 into its own directory (``runs/<id>``, or ``--run_dir``): the saved ``config.yaml``, checkpoints and
 the logger's files never collide between runs. A run that continues from a checkpoint of a run
 directory (a resumed ``fit``, a ``test`` or ``predict`` of it) writes into that directory and the
-same W&B run. ``export`` writes a checkpoint in a format other tools read, and ``generate`` answers
-prompts with an export.
+same W&B run. ``export`` writes a checkpoint in a format other tools read, ``generate`` answers
+prompts with an export, and ``lm-eval`` runs lm-evaluation-harness tasks on one.
 
 Bad input (config, data, checkpoint or adapter files) ends the run with one ``error: ...`` line and
 exit status 2; ``--debug`` or ``MOEI_DEBUG=1`` shows the traceback instead. Training that diverges
@@ -78,11 +78,14 @@ USER_ERRORS = (
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
-# Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
+# Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main
+# (or the module TOOL_MODULES names).
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
     "generate": "Replies from an exported model to prompts from a file or standard input, as JSONL.",
+    "lm-eval": "lm-evaluation-harness tasks on an exported model, routed from each request's context.",
 }
+TOOL_MODULES = {"lm-eval": "lm_eval_model"}  # a command whose module is not named after it
 
 
 class MoEIArgumentParser(LightningArgumentParser):
@@ -239,7 +242,7 @@ class MoEICLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """The Trainer's subcommands, then ``export`` and ``generate`` so that ``--help`` lists them too."""
+        """The Trainer's subcommands, then the other commands (``TOOLS``) so that ``--help`` lists them too."""
         super()._add_subcommands(parser, **kwargs)
         for name, description in TOOLS.items():
             tool = ArgumentParser(prog=f"{PROG} {name}", description=description, add_help=False)
@@ -483,7 +486,7 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
     with _own_run_dir_env(), _errors_as_messages(debug):
         if argv and argv[0] in TOOLS:
-            module = importlib.import_module(f"moei_lightning.{argv[0]}")
+            module = importlib.import_module(f"moei_lightning.{TOOL_MODULES.get(argv[0], argv[0])}")
             module.main(argv[1:])
             return None
         # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.

@@ -74,6 +74,7 @@ def from_pretrained(
     backbone: str | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    adapters: bool = True,
 ) -> Pretrained:
     """The exported model, ready to generate.
 
@@ -84,6 +85,8 @@ def from_pretrained(
         device: where to put the model; default: the CPU.
         trust_remote_code: let the model's own Python files run (some hub models need it). Only this
             argument decides it: a setting in the directory's files never does.
+        adapters: False loads the backbone alone, to compare a model with the backbone it was trained on;
+            a ``merged`` (or ``hf`` lora/full) export has no backbone apart from its adapters and is refused.
     """
     directory = Path(directory)
     info = read_export_info(directory)
@@ -95,6 +98,11 @@ def from_pretrained(
             f"{directory / EXPORT_FILE}: format {export_format!r} is not one of {', '.join(FORMATS)}; "
             "export the checkpoint again"
         )
+    if not adapters and export_format in SELF_CONTAINED and info.get("adapter") != "molora":
+        raise ValueError(
+            f"{directory}: this {export_format} export has its {info.get('adapter')} adapters merged into the weights, "
+            "so it holds no backbone alone; load the backbone from a moei or peft export of the run, or directly"
+        )
     if export_format in SELF_CONTAINED:
         _refuse_pickled_weights(directory)
         settings.update(name_or_path=str(directory), tokenizer_name_or_path=None)
@@ -103,9 +111,9 @@ def from_pretrained(
     config = BackboneConfig(**settings)
     model = load_backbone(config, device=device)
     files = info.get("files")  # what the export wrote; older exports did not list it
-    if (directory / CONFIG_FILE).is_file() and (files is None or CONFIG_FILE in files):
+    if adapters and (directory / CONFIG_FILE).is_file() and (files is None or CONFIG_FILE in files):
         load_adapter(model, directory)
-    elif export_format == "peft":
+    elif adapters and export_format == "peft":
         try:
             from peft import PeftModel
         except ImportError as err:

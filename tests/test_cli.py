@@ -175,5 +175,5 @@ def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture)
     assert exit_code(["--help"]) in (0, None)
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m moei_lightning")
-    for command in ("fit", "validate", "test", "predict", "export", "generate"):
+    for command in ("fit", "validate", "test", "predict", "export", "generate", "lm-eval"):
         assert f"\n    {command} " in out, command

@@ -1,6 +1,8 @@
 """Model-side scoring shared by training, per-aspect metrics and the evaluation harness.
 
-- :func:`sequence_logprobs`: log-probability of every label token of a batch (causal or seq2seq).
+- :func:`sequence_logprobs`: log-probability of every label token of a batch (causal or seq2seq), from
+  :func:`routed_logits` (one forward, prompt routing from the tokens before the targets) and
+  :func:`label_logprobs`.
 - :func:`choice_loglikelihoods`: multiple choice by log-likelihood, as lm-evaluation-harness (v0.4)
   does it: each choice is the continuation of the record's own prompt (formatted as in training), the
   answer is the choice with the highest log-likelihood per character (``acc_norm``; the raw sum is
@@ -25,7 +27,12 @@ from moei_lightning.data import IGNORE_INDEX, Collator, DataReport, EiRecord, En
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logprobs, mask)``, both (B, T): log p(label token) where ``mask`` marks supervised positions.
+    """``(logprobs, mask)``, both (B, T): log p(label token) where ``mask`` marks supervised positions."""
+    return label_logprobs(*routed_logits(model, batch, kind))
+
+
+def routed_logits(model: nn.Module, batch: dict[str, Any], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of one forward pass, aligned so that ``logits[:, t]`` predicts ``labels[:, t]``.
 
     Prompt routing (MoLoRA) sees the tokens before each causal target only, as it does in generation.
     """
@@ -42,6 +49,11 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Any], kind: str) -> tup
         logits = model(**kwargs).logits
     if kind == "causal":
         logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs, mask)`` of aligned logits and labels: log p(label) in float32 where a label is set, else 0."""
     mask = labels != IGNORE_INDEX
     token_loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"

@@ -1,0 +1,151 @@
+"""lm-evaluation-harness on an export: ``python -m moei_lightning lm-eval --adapter DIR --tasks mmlu,arc_challenge``.
+
+:class:`MoEILM` is lm-eval's ``HFLM`` over ``moei_lightning.from_pretrained(DIR)`` (any export format),
+registered as lm-eval model ``moei``, so tasks run with lm-eval's own prompts, metrics and aggregation;
+``adapters=False`` (``--backbone_only``) evaluates the backbone the adapters were trained on.
+Only the log-likelihood forward is its own: with prompt routing (MoLoRA) each request is routed from
+its context tokens alone, never its continuation, through the project's scorer
+(:func:`~moei_lightning.eval.scoring.routed_logits`), as choice scoring does in training and
+evaluation. ``loglikelihood_rolling`` goes through the same forward; generation is HFLM's, passing the
+prompt's attention mask, from which the adapters route as in ``generate``.
+
+The command passes every option it does not know to lm-eval's ``run`` (``--include_path``,
+``--num_fewshot``, ``--limit``, ``--batch_size``, ``--output_path``, ...): lm-eval prints its table
+and writes its results JSON under ``--output_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from moei_lightning.data import IGNORE_INDEX
+from moei_lightning.eval.scoring import label_logprobs, routed_logits
+from moei_lightning.pretrained import from_pretrained, read_export_info
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as err:  # an optional extra
+    raise ImportError("lm-evaluation-harness is not installed; run `pip install 'moei_lightning[lm-eval]'`") from err
+
+MODEL_NAME = "moei"
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+"""lm-eval's tokenised request: ``((context, continuation) or None, context tokens, continuation tokens)``."""
+
+
+@register_model(MODEL_NAME)
+class MoEILM(HFLM):
+    """An export directory as an lm-eval model; log-likelihoods route each request from its context."""
+
+    def __init__(
+        self,
+        adapter: str,
+        backbone: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
+        adapters: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer for the moei model, got {batch_size!r}")
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # as HFLM does: lm-eval's default is cuda:0
+        loaded = from_pretrained(
+            adapter, backbone=backbone, device=device, trust_remote_code=trust_remote_code, adapters=adapters
+        )
+        super().__init__(
+            pretrained=loaded.model,
+            backend=loaded.kind,
+            tokenizer=loaded.tokenizer,
+            batch_size=int(batch_size),
+            max_length=max_length,
+            **kwargs,
+        )
+
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
+        """``(log-likelihood, greedy)`` per request, in order; longest first in batches of ``batch_size``."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        size = override_bs or self.batch_size
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            batch = self._batch([requests[i] for i in chunk])
+            with torch.no_grad():
+                logits, labels = routed_logits(self.model, batch, self.backend)
+            logprobs, mask = label_logprobs(logits, labels)
+            greedy = ((logits.argmax(-1) == labels) | ~mask).all(-1)
+            for i, logprob, is_greedy in zip(chunk, logprobs.sum(-1).tolist(), greedy.tolist()):
+                results[i] = (logprob, is_greedy)
+                if requests[i][0] is not None:  # rolling windows are cached per document by lm-eval itself
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        return results
+
+    def _batch(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Right-padded inputs and labels: causal, context + continuation cut from the left to ``max_length``
+        with only the continuation labelled; seq2seq, the context as input and the continuation as labels."""
+        inputs, labels = [], []
+        for _, context, continuation in requests:
+            if self.backend == "causal":
+                if len(continuation) >= self.max_length:
+                    raise ValueError(
+                        f"a continuation of {len(continuation)} tokens leaves no context within max_length="
+                        f"{self.max_length}; raise it with --model_args max_length=N"
+                    )
+                window = (context + continuation)[-self.max_length :]
+                inputs.append(window)
+                labels.append([IGNORE_INDEX] * (len(window) - len(continuation)) + continuation)
+            else:
+                inputs.append(context[-self.max_length :])
+                labels.append(continuation[-self.max_length :])
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": _pad(inputs, pad).to(self.device),
+            "attention_mask": _pad([[1] * len(ids) for ids in inputs], 0).to(self.device),
+            "labels": _pad(labels, IGNORE_INDEX).to(self.device),
+        }
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse this command's own options, then run lm-eval's ``run`` with ``--model moei`` and the rest."""
+    parser = argparse.ArgumentParser(
+        prog="python -m moei_lightning lm-eval",
+        description=__doc__.splitlines()[0],
+        epilog="Every other option goes to lm-eval's `run` (`lm-eval run --help`), --trust_remote_code included.",
+    )
+    parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
+    parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
+    parser.add_argument(
+        "--backbone_only",
+        action="store_true",
+        help="evaluate the export's backbone without its adapters (moei and peft exports, hf exports of MoEI runs)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    model_args = {"adapter": args.adapter, "backbone": args.backbone, "adapters": not args.backbone_only}
+    model_args = {key: value for key, value in model_args.items() if value is not None}
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    cli = HarnessCLI()
+    saved, sys.argv = sys.argv, ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", json.dumps(model_args), *rest]
+    try:
+        read_export_info(args.adapter)  # before lm-eval reads any task data
+        cli.execute(cli.parse_args())
+    except (FileNotFoundError, ValueError) as err:  # a bad export directory or option: one line, exit 2
+        parser.exit(2, f"error: {err}\n")
+    finally:
+        sys.argv = saved
