@@ -28,6 +28,7 @@ import typing
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -78,6 +79,8 @@ USER_ERRORS = (
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+_DEBUG: ContextVar[bool] = ContextVar("moei_debug", default=False)
+"""``--debug`` or ``MOEI_DEBUG=1`` for this run: errors keep their traceback and the parser its full message."""
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
@@ -108,14 +111,18 @@ class MoEIArgumentParser(LightningArgumentParser):
         return self.parse_string(merged, path=source.name, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        key = misspelt_key(message)
-        if key is None or not self.exit_on_error:
+        """One ``error:`` line instead of the usage and the parser's type dump (``--debug`` keeps them)."""
+        if not self.exit_on_error or _DEBUG.get():
             super().error(message, ex)
+        key = misspelt_key(message)
+        if key is None:
+            sys.stderr.write(f"error: {describe_parse_error(message)}\n")
+            raise SystemExit(USER_ERROR_EXIT)
         parser = getattr(ex, "subcommand_parser", None) or self
         closest = difflib.get_close_matches(key, valid_keys(parser), n=1, cutoff=0.6)
         hint = f"; did you mean '{closest[0]}'?" if closest else f"; `{parser.prog} --help` lists the keys"
         sys.stderr.write(f"error: unknown config key '{key}'{hint}\n")
-        raise SystemExit(2)
+        raise SystemExit(USER_ERROR_EXIT)
 
 
 BASE_KEY = "base"
@@ -197,6 +204,49 @@ def misspelt_key(message: str) -> str | None:
         if match:
             return ".".join(match.groups())
     return None
+
+
+_PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
+_VALUE = re.compile(r"(?:Given|Got) value: (.*?)(?:\. Got value: .*)?$", re.MULTILINE)
+_EXPECTED = re.compile(r"Expected a (<class '(\w+)'>|typing\.Literal\[(.*?)\]|path)")
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "NoneType": "null",
+}
+
+
+def describe_parse_error(message: str) -> str:
+    """A jsonargparse type or choice error as one line: the key, the value given and what is allowed.
+
+    jsonargparse reports such errors over several lines (every type of a union tried, in Python's
+    spelling); a user needs the key, the value and the allowed values or type.
+    """
+    keys = _PARSER_KEY.findall(message)
+    missing_file = re.search(r"File does not exist: '(.*)'", message)
+    if keys and missing_file:
+        return f"--{keys[0]} {missing_file.group(1)}: no such file"
+    if not keys:
+        return _one_line(message)
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"
+    value = _VALUE.search(message)
+    allowed: list[str] = []
+    choices: list[str] = []
+    for match in _EXPECTED.finditer(message):
+        if match.group(3) is not None:
+            choices += [choice.strip() for choice in match.group(3).split(",")]
+        else:
+            allowed.append(_TYPE_NAMES.get(match.group(2), match.group(2)) if match.group(2) else "a path")
+    if choices:
+        allowed.insert(0, f"one of {', '.join(dict.fromkeys(choices))}")
+    if len(allowed) > 1:  # a tensor's import path, tried last for a float (an optimizer's lr): not a user's choice
+        allowed = [kind for kind in allowed if kind != "a path"]
+    if not allowed:
+        return f"config key {key}: {_one_line(message.split(':', 1)[1])}"
+    got = f", got {value.group(1).strip()!r}" if value else ""
+    return f"config key {key}: expected {' or '.join(dict.fromkeys(allowed))}{got}"
 
 
 def valid_keys(parser: ArgumentParser) -> list[str]:
@@ -427,9 +477,7 @@ def checkpoint_run_dir(checkpoint: str | None) -> Path | None:
 def wandb_run_id(save_dir: Path) -> str | None:
     """The id of the newest W&B run under ``save_dir/wandb`` (``[offline-]run-<time>-<id>`` folders)."""
     runs = sorted(
-        (path.name.partition("run-")[2], path.name)
-        for path in (save_dir / "wandb").glob("*run-*-*")
-        if path.is_dir()
+        (path.name.partition("run-")[2], path.name) for path in (save_dir / "wandb").glob("*run-*-*") if path.is_dir()
     )
     return runs[-1][1].rsplit("-", 1)[1] if runs else None
 
@@ -481,6 +529,14 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
     argv = [a for a in argv if a != "--debug"]
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    token = _DEBUG.set(debug)
+    try:
+        return _run(args, argv, debug)
+    finally:
+        _DEBUG.reset(token)
+
+
+def _run(args: list[str] | None, argv: list[str], debug: bool) -> MoEICLI | None:
     with _own_run_dir_env(), _errors_as_messages(debug):
         if argv and argv[0] in TOOLS:
             module = importlib.import_module(f"moei_lightning.{argv[0]}")

@@ -396,6 +396,32 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.molora.rank=abc", "config key model.molora.rank: expected an integer, got 'abc'"),
+        ("--data.batch_size=1.5", "config key data.batch_size: expected an integer, got '1.5'"),
+        ("--config=/no/such.yaml", "--config /no/such.yaml: no such file"),
+        ("--model.molora.alpha=inf", "config key model.molora.alpha: expected a finite number, got 'inf'"),
+        ("--model.lambda_inter=nan", "config key model.lambda_inter: expected a finite number, got 'nan'"),
+        ("--model.adapter=bogus", "config key model.adapter: expected one of 'molora', 'lora', 'full', got 'bogus'"),
+        ("--model.molora.routing=bogus", "config key model.molora.routing: expected one of 'token', 'prompt', got"),
+        ("--model.molora.inter=bogus", "config key model.molora.inter: expected one of 'gate', 'slot', 'none', got"),
+        ("--model.backbone.dtype=bogus", "config key model.backbone.dtype: expected one of 'float32', 'bfloat16'"),
+        ("--model.optimizer.init_args.lr=abc", "config key model.optimizer.init_args.lr: expected a finite number"),
+    ],
+)
+def test_type_and_choice_errors_are_one_line_naming_key_value_and_allowed(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", TINY, override, "--trainer.logger=false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" or (err.startswith(f"error: {message}") and len(err.splitlines()) == 1), err
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", TINY, override, "--debug"])
+    assert "usage:" in capsys.readouterr().err  # --debug keeps the parser's whole report
+
+
 def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -600,4 +626,3 @@ def test_a_finished_run_resumed_with_more_steps_trains_them(tmp_path):
     after = read_checkpoint_file(last)
     assert after["global_step"] == 4
     assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
-
