@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
 import warnings
@@ -38,7 +39,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -56,6 +57,7 @@ from moei_lightning.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from moei_lightning.export import SHARDED_METADATA
 from moei_lightning.module import GRADIENT_CLIP_NORM, MoEIModule
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
@@ -344,6 +346,11 @@ class MoEICLI(LightningCLI):
         if not path.exists():
             raise FileNotFoundError(f"--ckpt_path {path}: no such file")
         if path.is_dir():
+            if not (path / SHARDED_METADATA).is_file():
+                raise CheckpointError(
+                    f"--ckpt_path {path}: a directory, not a checkpoint (a .ckpt file, or a sharded checkpoint "
+                    f"directory holding {SHARDED_METADATA}); checkpoints are in <run_dir>/checkpoints/"
+                )
             return  # a sharded checkpoint directory: the strategy reads it, with the config as given
         checkpoint = read_checkpoint_file(path)
         check_finite(checkpoint, path)
@@ -405,7 +412,10 @@ class MoEICLI(LightningCLI):
             raise ConfigError(_root_message(err)) from err
 
     def instantiate_trainer(self, **kwargs: object) -> object:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # the Trainer checks its own arguments; they are config keys
+            raise ConfigError(f"config key trainer: {_one_line(str(err))}") from err
         run_dir = Path(trainer.default_root_dir)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
@@ -460,6 +470,11 @@ def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | No
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"run_dir {run_dir}: cannot create it ({err.strerror}); choose another --run_dir") from err
+    try:  # a read-only directory (permissions, a read-only mount) fails here, not at the first checkpoint
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        message = f"run_dir {run_dir}: cannot write into it ({err.strerror}); choose another --run_dir"
+        raise ConfigError(message) from err
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 

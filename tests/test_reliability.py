@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,7 +24,7 @@ from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_re
 from moei_lightning.errors import CheckpointError, CheckpointWriteError, ConfigError
 from moei_lightning.export import export_checkpoint, load_checkpoint
 from moei_lightning.export import main as export_main
-from moei_lightning.module import check_settings
+from moei_lightning.module import MoEIModule, check_settings
 from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molora, load_adapter, save_adapter
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
@@ -420,6 +421,66 @@ def test_type_and_choice_errors_are_one_line_naming_key_value_and_allowed(overri
     with pytest.raises(SystemExit):
         cli.main(["fit", "--config", TINY, override, "--debug"])
     assert "usage:" in capsys.readouterr().err  # --debug keeps the parser's whole report
+
+
+def test_bad_trainer_and_optimizer_values_stop_before_the_wandb_run_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cases = {
+        "--model.optimizer.init_args.lr=-1": "config key model.optimizer.init_args: the optimizer refuses them: "
+        "Invalid learning rate: -1.0",
+        "--trainer.max_steps=-5": "config key trainer: `max_steps` must be a non-negative integer or -1",
+    }
+    for override, message in cases.items():
+        run = tmp_path / override.split("=")[0].strip("-")
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit", "--config", TINY, override, f"--run_dir={run}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+        assert not (run / "wandb").exists()
+
+
+def k2_checkpoint_without_hparams(path: Path) -> Path:
+    """The trainable tensors of a K=2 MoLoRA on tiny-llama, saved without the hyperparameters that say K=2."""
+    module = MoEIModule(backbone=BackboneConfig(name_or_path="tiny-llama"), molora=MoLoRAConfig(num_experts=2))
+    module.configure_model()
+    state = {k: v for k, v in module.state_dict().items() if k in module._trainable_names()}
+    torch.save({"state_dict": state, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def test_a_ckpt_path_that_does_not_fit_the_model_is_one_line(tmp_path, capsys):
+    checkpoint = k2_checkpoint_without_hparams(tmp_path / "k2.ckpt")
+    not_a_checkpoint = tmp_path / "some_dir"
+    not_a_checkpoint.mkdir()
+    cases = {
+        str(not_a_checkpoint): f"--ckpt_path {not_a_checkpoint}: a directory, not a checkpoint",
+        str(checkpoint): f"--ckpt_path {checkpoint}: 12 tensors have other shapes than this model's",
+    }
+    for ckpt_path, message in cases.items():
+        args = ["test", "--config", TINY, *PINNED, "--model.molora.num_experts=4", "--trainer.logger=false"]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*args, f"--ckpt_path={ckpt_path}", f"--run_dir={tmp_path}/run"])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), errors
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into any directory: what a read-only filesystem answers instead
+
+        def read_only(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(cli.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY_FIT, f"--run_dir={run}"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"error: run_dir {run}: cannot write into it" in errors[0], errors
 
 
 def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
