@@ -483,6 +483,32 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert len(errors) == 1 and f"error: run_dir {run}: cannot write into it" in errors[0], errors
 
 
+def test_generate_output_naming_a_directory_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--adapter", str(tmp_path), "--prompts", str(prompts), "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path} is a directory; give the path of a file to write\n"
+
+
+def test_a_template_word_outside_a_vocabulary_without_unknown_token_is_named(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moei_lightning.data.encode import Encoder
+    from moei_lightning.data.prompts import PromptFormatter
+
+    words = Tokenizer(models.WordLevel({word: i for i, word in enumerate(["</s>", "a", "Answer:"])}))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    assert tokenizer.unk_token is None
+    message = r"data\.prompt_template: the word 'Options:' of the template is not in the vocabulary"
+    with pytest.raises(DataError, match=message):
+        Encoder(tokenizer, PromptFormatter(tokenizer=tokenizer), "causal", 64)
+    Encoder(tokenizer, PromptFormatter("{instruction}\n\nAnswer:", tokenizer=tokenizer), "causal", 64)
+
+
 def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
