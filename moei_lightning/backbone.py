@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,6 +295,28 @@ def disable_activation_checkpointing(model: PreTrainedModel) -> bool:
     if enabled:
         model.gradient_checkpointing_disable()
     return enabled
+
+
+def local_path(name: str) -> str:
+    """A name that any library's ``from_pretrained`` can read for the backbone ``name``.
+
+    Other tools (PEFT's ``AutoPeftModel``) know no presets: a shipped preset is its package directory,
+    a built preset is written once under the cache (``$MOEI_CACHE/backbones/<name>``), a local directory
+    is its absolute path, and a hub id stays as it is.
+    """
+    if name in _BUILT_PRESETS:
+        directory = _cache_root() / "backbones" / name
+        if not (directory / "config.json").is_file():
+            staging = directory.with_name(f".{name}.partial-{os.getpid()}")
+            config = BackboneConfig(name_or_path=name)
+            load_backbone(config).save_pretrained(staging)
+            load_tokenizer(config).save_pretrained(staging)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+        return str(directory)
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    return _location(name)
 
 
 def _location(name: str) -> str:

@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, local_path, resolve_kind
 from moei_lightning.checkpoints import check_finite, read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
@@ -141,7 +141,7 @@ def _write_format(
                 + ("merged" if molora is None else "moei (or hf, with the backbone)")
             )
         peft_config, peft_tensors = to_peft(
-            molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=backbone.name_or_path
+            molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=local_path(backbone.name_or_path)
         )
         (output_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in peft_tensors.items()}, str(output_dir / PEFT_WEIGHTS_FILE))

@@ -62,6 +62,12 @@ def test_peft_round_trip_has_equal_logits(preset: str, tmp_path: Path) -> None:
     loaded = peft.PeftModel.from_pretrained(load_backbone(BackboneConfig(name_or_path=preset)), str(out)).eval()
     torch.testing.assert_close(logits(loaded, module.tokenizer, seq2seq), expected)
     torch.testing.assert_close(logits(loaded.merge_and_unload(), module.tokenizer, seq2seq), expected)
+    # PEFT knows no presets: the recorded base is a local directory its AutoPeftModel loads by itself
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()
+    auto = peft.AutoPeftModelForSeq2SeqLM if seq2seq else peft.AutoPeftModelForCausalLM
+    from_base = auto.from_pretrained(str(out)).eval()  # its own attention kernel: equal up to float rounding
+    torch.testing.assert_close(logits(from_base, module.tokenizer, seq2seq), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("preset", "adapter"), [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-t5", "full")])
