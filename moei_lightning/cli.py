@@ -63,7 +63,10 @@ from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 
 PROG = "python -m moei_lightning"
-DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
+DEBUG_HELP = "An error in the input is one `error:` line; --debug (anywhere on the line) shows its traceback."
+DESCRIPTION = (
+    "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters. " + DEBUG_HELP
+)
 RUN_DIR_ENV = "MOEI_RUN_DIR"
 DEBUG_ENV = "MOEI_DEBUG"
 CONFIG_FILE = "config.yaml"
@@ -83,6 +86,13 @@ ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.ta
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 _DEBUG: ContextVar[bool] = ContextVar("moei_debug", default=False)
 """``--debug`` or ``MOEI_DEBUG=1`` for this run: errors keep their traceback and the parser its full message."""
+# The Trainer's commands: name -> what --help says (Lightning's docstrings are cut off after their first line).
+TRAINER_COMMANDS = {
+    "fit": "Train the adapters; writes checkpoints, config.yaml and a summary into the run directory.",
+    "validate": "Evaluate on the validation split.",
+    "test": "Evaluate on the test split (and run the paper's evaluation suites listed in eval.suites).",
+    "predict": "Generate a reply for every test prompt, or for --data.predict=FILE, into predictions.jsonl.",
+}
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main.
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
@@ -293,6 +303,14 @@ class MoEICLI(LightningCLI):
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """The Trainer's subcommands, then ``export`` and ``generate`` so that ``--help`` lists them too."""
         super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:  # the list that the top-level --help prints
+            choice.help = TRAINER_COMMANDS.get(choice.dest, choice.help)
+        for name, subparser in self._subcommand_parsers.items():
+            lightning_text = subparser.description
+            subparser.description = f"{TRAINER_COMMANDS[name]} {DEBUG_HELP}"
+            for group in subparser._action_groups:  # the --ckpt_path group is titled with the same cut text
+                if group.title and lightning_text and group.title.startswith(lightning_text.split(".")[0]):
+                    group.title = f"{name} arguments"
         for name, description in TOOLS.items():
             tool = ArgumentParser(prog=f"{PROG} {name}", description=description, add_help=False)
             parser._subcommands_action.add_subcommand(name, tool, help=f"{description} (`{PROG} {name} --help`)")

@@ -276,7 +276,11 @@ def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moei_lightning export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moei_lightning export",
+        description="Write a checkpoint in a format other tools read: MoLoRA adapters, a PEFT adapter or a "
+        "save_pretrained model (docs/export.md).",
+    )
     parser.add_argument("checkpoint", help="a .ckpt written by `python -m moei_lightning fit`")
     parser.add_argument("output_dir", help="directory to write the export to")
     parser.add_argument(

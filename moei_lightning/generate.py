@@ -78,8 +78,15 @@ def generate(loaded: Pretrained, items: list[dict[str, Any]], max_new_tokens: in
     return len(items)
 
 
+DESCRIPTION = (
+    "Replies from an exported model (`python -m moei_lightning export`) to prompts, one per line of a file or "
+    "of standard input, as JSONL: a JSON object with instruction (and input, choices) fills the run's prompt "
+    "template, one with prompt or any other line is the user's message."
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moei_lightning generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moei_lightning generate", description=DESCRIPTION)
     parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
     parser.add_argument("--prompts", required=True, help="a file of prompts, one per line, or - for standard input")
     parser.add_argument("--output", default="-", help="where the JSONL goes (default: standard output)")
