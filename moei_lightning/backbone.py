@@ -332,6 +332,27 @@ def _location(name: str) -> str:
     return str(directory)
 
 
+MOLORA_MODEL_TYPE = "moei_molora"
+"""``model_type`` of a ``--format hf`` export that needs its MoLoRA adapters: transformers refuses it by itself."""
+BACKBONE_MODEL_TYPE_KEY = "moei_backbone_model_type"
+"""The ``config.json`` field of such an export that keeps the backbone's own ``model_type``."""
+
+
+def _molora_export_config(directory: Path) -> PretrainedConfig | None:
+    """The backbone's config of a MoLoRA ``--format hf`` export, whose ``config.json`` hides it from transformers."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # transformers reports the broken file itself
+    if not isinstance(data, dict) or data.get("model_type") != MOLORA_MODEL_TYPE:
+        return None
+    data.pop("model_type")
+    return AutoConfig.for_model(data.pop(BACKBONE_MODEL_TYPE_KEY), **data)
+
+
 def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: object) -> _T:
     """Call a `from_pretrained` on a local directory or hub id, turning load failures into clear errors."""
     source = Path(name).expanduser()
@@ -358,6 +379,11 @@ def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: 
             source = Path(snapshot_download(name, local_files_only=True))
         except LocalEntryNotFoundError as err:
             raise FileNotFoundError(hint) from err
+    hidden = _molora_export_config(source)
+    if hidden is not None and what == "config":
+        return hidden  # type: ignore[return-value]
+    if hidden is not None:
+        kwargs["config"] = hidden
     try:
         return loader(str(source), **kwargs)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met something that is not a tensor

@@ -33,7 +33,15 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, local_path, resolve_kind
+from moei_lightning.backbone import (
+    BACKBONE_MODEL_TYPE_KEY,
+    MOLORA_MODEL_TYPE,
+    BackboneConfig,
+    load_backbone,
+    load_tokenizer,
+    local_path,
+    resolve_kind,
+)
 from moei_lightning.checkpoints import check_finite, read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
@@ -222,6 +230,12 @@ def _save_pretrained(
     load_tokenizer(backbone).save_pretrained(output_dir)
     if molora is not None and not is_static(molora):
         write_adapter(output_dir, molora, tensors, {"name_or_path": "."})
+        # transformers alone would load the bare backbone and drop the adapters without a word: make it refuse
+        config_path = output_dir / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config[BACKBONE_MODEL_TYPE_KEY] = config["model_type"]
+        config["model_type"] = MOLORA_MODEL_TYPE
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _load_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

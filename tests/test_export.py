@@ -95,6 +95,9 @@ def test_molora_exports_load_in_one_call(tmp_path: Path) -> None:
         assert (out / "config.json").is_file() == (fmt == "hf")
         loaded = moei_lightning.from_pretrained(out)
         torch.testing.assert_close(logits(loaded.model, loaded.tokenizer), expected)
+    # transformers alone would load the bare backbone without its adapters: it refuses the directory instead
+    with pytest.raises(ValueError, match="model type `moei_molora`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for fmt, message in (("merged", "no fixed delta"), ("peft", "only a LoRA adapter")):
         with pytest.raises(ValueError, match=message):
             export_checkpoint(path, tmp_path / fmt, fmt)
