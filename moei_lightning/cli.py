@@ -577,7 +577,7 @@ def _run(args: list[str] | None, argv: list[str], debug: bool) -> MoEICLI | None
             return None
         # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        return MoEICLI(
+        cli = MoEICLI(
             MoEIModule,
             MoEIDataModule,
             args=args if args is None else argv,
@@ -585,7 +585,20 @@ def _run(args: list[str] | None, argv: list[str], debug: bool) -> MoEICLI | None
             trainer_defaults={"use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
         )
+        finish_wandb_run()
+        return cli
     return None
+
+
+def finish_wandb_run() -> None:
+    """End this run's W&B run now, while standard error is still the process's own.
+
+    Left to W&B's exit hook, its closing lines go to standard output with terminal colour codes even
+    when that is a log file; ``wandb.finish()`` writes them to standard error, plain unless it is a terminal.
+    """
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 @contextmanager

@@ -509,6 +509,20 @@ def test_a_template_word_outside_a_vocabulary_without_unknown_token_is_named(tmp
     Encoder(tokenizer, PromptFormatter("{instruction}\n\nAnswer:", tokenizer=tokenizer), "causal", 64)
 
 
+@pytest.mark.slow
+def test_a_fit_logged_to_wandb_writes_no_colour_codes_into_a_log_file(tmp_path):
+    log = tmp_path / "fit.log"
+    with log.open("w") as out:  # stdout and stderr both a file, as under SLURM or `> fit.log 2>&1`
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+        for key in (RUN_DIR_ENV, "WANDB_SILENT"):  # W&B's closing lines are what this checks
+            env.pop(key, None)
+        command = [sys.executable, "-m", "moei_lightning", *TINY_FIT[:-1], "--trainer.max_steps=1"]
+        result = subprocess.run([*command, f"--run_dir={tmp_path}/run"], stdout=out, stderr=out, env=env, timeout=600)
+    text = log.read_text()
+    assert result.returncode == 0, text[-2000:]
+    assert "wandb sync" in text and "\x1b[" not in text, text[-1000:]
+
+
 def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
