@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -296,6 +297,28 @@ def disable_activation_checkpointing(model: PreTrainedModel) -> bool:
     return enabled
 
 
+def local_path(name: str) -> str:
+    """A name that any library's ``from_pretrained`` can read for the backbone ``name``.
+
+    Other tools (PEFT's ``AutoPeftModel``) know no presets: a shipped preset is its package directory,
+    a built preset is written once under the cache (``$MOEI_CACHE/backbones/<name>``), a local directory
+    is its absolute path, and a hub id stays as it is.
+    """
+    if name in _BUILT_PRESETS:
+        directory = _cache_root() / "backbones" / name
+        if not (directory / "config.json").is_file():
+            staging = directory.with_name(f".{name}.partial-{os.getpid()}")
+            config = BackboneConfig(name_or_path=name)
+            load_backbone(config).save_pretrained(staging)
+            load_tokenizer(config).save_pretrained(staging)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+        return str(directory)
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    return _location(name)
+
+
 def _location(name: str) -> str:
     """Where `from_pretrained` reads `name`: a shipped preset's package directory, else `name` itself."""
     if name not in SHIPPED_PRESETS:
@@ -307,6 +330,27 @@ def _location(name: str) -> str:
             f"reinstall moei_lightning, or rebuild them with `python -m moei_lightning.presets.build_tiny_gi`"
         )
     return str(directory)
+
+
+MOLORA_MODEL_TYPE = "moei_molora"
+"""``model_type`` of a ``--format hf`` export that needs its MoLoRA adapters: transformers refuses it by itself."""
+BACKBONE_MODEL_TYPE_KEY = "moei_backbone_model_type"
+"""The ``config.json`` field of such an export that keeps the backbone's own ``model_type``."""
+
+
+def _molora_export_config(directory: Path) -> PretrainedConfig | None:
+    """The backbone's config of a MoLoRA ``--format hf`` export, whose ``config.json`` hides it from transformers."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # transformers reports the broken file itself
+    if not isinstance(data, dict) or data.get("model_type") != MOLORA_MODEL_TYPE:
+        return None
+    data.pop("model_type")
+    return AutoConfig.for_model(data.pop(BACKBONE_MODEL_TYPE_KEY), **data)
 
 
 def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: object) -> _T:
@@ -335,6 +379,11 @@ def _from_pretrained(loader: Callable[..., _T], name: str, what: str, **kwargs: 
             source = Path(snapshot_download(name, local_files_only=True))
         except LocalEntryNotFoundError as err:
             raise FileNotFoundError(hint) from err
+    hidden = _molora_export_config(source)
+    if hidden is not None and what == "config":
+        return hidden  # type: ignore[return-value]
+    if hidden is not None:
+        kwargs["config"] = hidden
     try:
         return loader(str(source), **kwargs)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met something that is not a tensor

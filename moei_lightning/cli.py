@@ -23,11 +23,13 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +39,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -55,12 +57,16 @@ from moei_lightning.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from moei_lightning.export import SHARDED_METADATA
 from moei_lightning.module import GRADIENT_CLIP_NORM, MoEIModule
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 
 PROG = "python -m moei_lightning"
-DESCRIPTION = "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters."
+DEBUG_HELP = "An error in the input is one `error:` line; --debug (anywhere on the line) shows its traceback."
+DESCRIPTION = (
+    "MoEI on PyTorch Lightning: train, evaluate, export and query a frozen backbone with MoLoRA adapters. " + DEBUG_HELP
+)
 RUN_DIR_ENV = "MOEI_RUN_DIR"
 DEBUG_ENV = "MOEI_DEBUG"
 CONFIG_FILE = "config.yaml"
@@ -78,6 +84,15 @@ USER_ERRORS = (
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+_DEBUG: ContextVar[bool] = ContextVar("moei_debug", default=False)
+"""``--debug`` or ``MOEI_DEBUG=1`` for this run: errors keep their traceback and the parser its full message."""
+# The Trainer's commands: name -> what --help says (Lightning's docstrings are cut off after their first line).
+TRAINER_COMMANDS = {
+    "fit": "Train the adapters; writes checkpoints, config.yaml and a summary into the run directory.",
+    "validate": "Evaluate on the validation split.",
+    "test": "Evaluate on the test split (and run the paper's evaluation suites listed in eval.suites).",
+    "predict": "Generate a reply for every test prompt, or for --data.predict=FILE, into predictions.jsonl.",
+}
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main
 # (or the module TOOL_MODULES names).
 TOOLS = {
@@ -111,14 +126,18 @@ class MoEIArgumentParser(LightningArgumentParser):
         return self.parse_string(merged, path=source.name, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        key = misspelt_key(message)
-        if key is None or not self.exit_on_error:
+        """One ``error:`` line instead of the usage and the parser's type dump (``--debug`` keeps them)."""
+        if not self.exit_on_error or _DEBUG.get():
             super().error(message, ex)
+        key = misspelt_key(message)
+        if key is None:
+            sys.stderr.write(f"error: {describe_parse_error(message)}\n")
+            raise SystemExit(USER_ERROR_EXIT)
         parser = getattr(ex, "subcommand_parser", None) or self
         closest = difflib.get_close_matches(key, valid_keys(parser), n=1, cutoff=0.6)
         hint = f"; did you mean '{closest[0]}'?" if closest else f"; `{parser.prog} --help` lists the keys"
         sys.stderr.write(f"error: unknown config key '{key}'{hint}\n")
-        raise SystemExit(2)
+        raise SystemExit(USER_ERROR_EXIT)
 
 
 BASE_KEY = "base"
@@ -202,6 +221,49 @@ def misspelt_key(message: str) -> str | None:
     return None
 
 
+_PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
+_VALUE = re.compile(r"(?:Given|Got) value: (.*?)(?:\. Got value: .*)?$", re.MULTILINE)
+_EXPECTED = re.compile(r"Expected a (<class '(\w+)'>|typing\.Literal\[(.*?)\]|path)")
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "NoneType": "null",
+}
+
+
+def describe_parse_error(message: str) -> str:
+    """A jsonargparse type or choice error as one line: the key, the value given and what is allowed.
+
+    jsonargparse reports such errors over several lines (every type of a union tried, in Python's
+    spelling); a user needs the key, the value and the allowed values or type.
+    """
+    keys = _PARSER_KEY.findall(message)
+    missing_file = re.search(r"File does not exist: '(.*)'", message)
+    if keys and missing_file:
+        return f"--{keys[0]} {missing_file.group(1)}: no such file"
+    if not keys:
+        return _one_line(message)
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"
+    value = _VALUE.search(message)
+    allowed: list[str] = []
+    choices: list[str] = []
+    for match in _EXPECTED.finditer(message):
+        if match.group(3) is not None:
+            choices += [choice.strip() for choice in match.group(3).split(",")]
+        else:
+            allowed.append(_TYPE_NAMES.get(match.group(2), match.group(2)) if match.group(2) else "a path")
+    if choices:
+        allowed.insert(0, f"one of {', '.join(dict.fromkeys(choices))}")
+    if len(allowed) > 1:  # a tensor's import path, tried last for a float (an optimizer's lr): not a user's choice
+        allowed = [kind for kind in allowed if kind != "a path"]
+    if not allowed:
+        return f"config key {key}: {_one_line(message.split(':', 1)[1])}"
+    got = f", got {value.group(1).strip()!r}" if value else ""
+    return f"config key {key}: expected {' or '.join(dict.fromkeys(allowed))}{got}"
+
+
 def valid_keys(parser: ArgumentParser) -> list[str]:
     """Every config key of ``parser``, including the fields of dataclass-typed sections (``model.molora.rank``)."""
     keys = list(parser.get_defaults().keys())
@@ -244,6 +306,14 @@ class MoEICLI(LightningCLI):
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """The Trainer's subcommands, then the other commands (``TOOLS``) so that ``--help`` lists them too."""
         super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:  # the list that the top-level --help prints
+            choice.help = TRAINER_COMMANDS.get(choice.dest, choice.help)
+        for name, subparser in self._subcommand_parsers.items():
+            lightning_text = subparser.description
+            subparser.description = f"{TRAINER_COMMANDS[name]} {DEBUG_HELP}"
+            for group in subparser._action_groups:  # the --ckpt_path group is titled with the same cut text
+                if group.title and lightning_text and group.title.startswith(lightning_text.split(".")[0]):
+                    group.title = f"{name} arguments"
         for name, description in TOOLS.items():
             tool = ArgumentParser(prog=f"{PROG} {name}", description=description, add_help=False)
             parser._subcommands_action.add_subcommand(name, tool, help=f"{description} (`{PROG} {name} --help`)")
@@ -297,6 +367,11 @@ class MoEICLI(LightningCLI):
         if not path.exists():
             raise FileNotFoundError(f"--ckpt_path {path}: no such file")
         if path.is_dir():
+            if not (path / SHARDED_METADATA).is_file():
+                raise CheckpointError(
+                    f"--ckpt_path {path}: a directory, not a checkpoint (a .ckpt file, or a sharded checkpoint "
+                    f"directory holding {SHARDED_METADATA}); checkpoints are in <run_dir>/checkpoints/"
+                )
             return  # a sharded checkpoint directory: the strategy reads it, with the config as given
         checkpoint = read_checkpoint_file(path)
         check_finite(checkpoint, path)
@@ -358,7 +433,10 @@ class MoEICLI(LightningCLI):
             raise ConfigError(_root_message(err)) from err
 
     def instantiate_trainer(self, **kwargs: object) -> object:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # the Trainer checks its own arguments; they are config keys
+            raise ConfigError(f"config key trainer: {_one_line(str(err))}") from err
         run_dir = Path(trainer.default_root_dir)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
@@ -413,6 +491,11 @@ def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | No
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"run_dir {run_dir}: cannot create it ({err.strerror}); choose another --run_dir") from err
+    try:  # a read-only directory (permissions, a read-only mount) fails here, not at the first checkpoint
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        message = f"run_dir {run_dir}: cannot write into it ({err.strerror}); choose another --run_dir"
+        raise ConfigError(message) from err
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -430,9 +513,7 @@ def checkpoint_run_dir(checkpoint: str | None) -> Path | None:
 def wandb_run_id(save_dir: Path) -> str | None:
     """The id of the newest W&B run under ``save_dir/wandb`` (``[offline-]run-<time>-<id>`` folders)."""
     runs = sorted(
-        (path.name.partition("run-")[2], path.name)
-        for path in (save_dir / "wandb").glob("*run-*-*")
-        if path.is_dir()
+        (path.name.partition("run-")[2], path.name) for path in (save_dir / "wandb").glob("*run-*-*") if path.is_dir()
     )
     return runs[-1][1].rsplit("-", 1)[1] if runs else None
 
@@ -484,6 +565,14 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
     argv = [a for a in argv if a != "--debug"]
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    token = _DEBUG.set(debug)
+    try:
+        return _run(args, argv, debug)
+    finally:
+        _DEBUG.reset(token)
+
+
+def _run(args: list[str] | None, argv: list[str], debug: bool) -> MoEICLI | None:
     with _own_run_dir_env(), _errors_as_messages(debug):
         if argv and argv[0] in TOOLS:
             module = importlib.import_module(f"moei_lightning.{TOOL_MODULES.get(argv[0], argv[0])}")
@@ -491,7 +580,7 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
             return None
         # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        return MoEICLI(
+        cli = MoEICLI(
             MoEIModule,
             MoEIDataModule,
             args=args if args is None else argv,
@@ -499,7 +588,20 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
             trainer_defaults={"use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
         )
+        finish_wandb_run()
+        return cli
     return None
+
+
+def finish_wandb_run() -> None:
+    """End this run's W&B run now, while standard error is still the process's own.
+
+    Left to W&B's exit hook, its closing lines go to standard output with terminal colour codes even
+    when that is a log file; ``wandb.finish()`` writes them to standard error, plain unless it is a terminal.
+    """
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 @contextmanager

@@ -33,7 +33,15 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.backbone import (
+    BACKBONE_MODEL_TYPE_KEY,
+    MOLORA_MODEL_TYPE,
+    BackboneConfig,
+    load_backbone,
+    load_tokenizer,
+    local_path,
+    resolve_kind,
+)
 from moei_lightning.checkpoints import check_finite, read_checkpoint_file
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import (
@@ -141,7 +149,7 @@ def _write_format(
                 + ("merged" if molora is None else "moei (or hf, with the backbone)")
             )
         peft_config, peft_tensors = to_peft(
-            molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=backbone.name_or_path
+            molora, tensors, kind=resolve_kind(backbone), base_model_name_or_path=local_path(backbone.name_or_path)
         )
         (output_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in peft_tensors.items()}, str(output_dir / PEFT_WEIGHTS_FILE))
@@ -222,6 +230,12 @@ def _save_pretrained(
     load_tokenizer(backbone).save_pretrained(output_dir)
     if molora is not None and not is_static(molora):
         write_adapter(output_dir, molora, tensors, {"name_or_path": "."})
+        # transformers alone would load the bare backbone and drop the adapters without a word: make it refuse
+        config_path = output_dir / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config[BACKBONE_MODEL_TYPE_KEY] = config["model_type"]
+        config["model_type"] = MOLORA_MODEL_TYPE
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _load_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -276,7 +290,11 @@ def load_sharded_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moei_lightning export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moei_lightning export",
+        description="Write a checkpoint in a format other tools read: MoLoRA adapters, a PEFT adapter or a "
+        "save_pretrained model (docs/export.md).",
+    )
     parser.add_argument("checkpoint", help="a .ckpt written by `python -m moei_lightning fit`")
     parser.add_argument("output_dir", help="directory to write the export to")
     parser.add_argument(

@@ -57,9 +57,7 @@ def build_prompt(item: dict[str, Any], formatter: PromptFormatter) -> str:
     return formatter.wrap(user, item["_where"])
 
 
-def generate(
-    loaded: Pretrained, items: list[dict[str, Any]], max_new_tokens: int, batch_size: int, out: TextIO
-) -> int:
+def generate(loaded: Pretrained, items: list[dict[str, Any]], max_new_tokens: int, batch_size: int, out: TextIO) -> int:
     """Write one JSON line per item (the item plus ``reply``); returns how many were written."""
     settings = loaded.prompt
     formatter = PromptFormatter(
@@ -80,8 +78,15 @@ def generate(
     return len(items)
 
 
+DESCRIPTION = (
+    "Replies from an exported model (`python -m moei_lightning export`) to prompts, one per line of a file or "
+    "of standard input, as JSONL: a JSON object with instruction (and input, choices) fills the run's prompt "
+    "template, one with prompt or any other line is the user's message."
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moei_lightning generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moei_lightning generate", description=DESCRIPTION)
     parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
     parser.add_argument("--prompts", required=True, help="a file of prompts, one per line, or - for standard input")
     parser.add_argument("--output", default="-", help="where the JSONL goes (default: standard output)")
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             parser.exit(2, f"error: --{flag} must be a positive integer, got {getattr(args, flag)}\n")
+    output = Path(args.output)
+    if args.output != "-" and (output.is_dir() or not output.parent.is_dir()):
+        problem = "is a directory" if output.is_dir() else f"is in a folder that does not exist ({output.parent})"
+        parser.exit(2, f"error: --output {output} {problem}; give the path of a file to write\n")
     try:
         if args.prompts == "-":
             items = read_prompts(sys.stdin, "<stdin>")

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
-from moei_lightning.errors import ConfigError, TrainingDiverged
+from moei_lightning.errors import CheckpointError, ConfigError, TrainingDiverged
 from moei_lightning.eval.distributed import local_map
 from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
 from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora, parameter_roles
@@ -109,6 +109,7 @@ class MoEIModule(LightningModule):
             router_lr_scale=router_lr_scale,
             gate_lr_scale=gate_lr_scale,
         )
+        check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
         for key in ("backbone", "molora"):  # checkpoints hold plain values only (read with weights_only=True)
             if dataclasses.is_dataclass(self.hparams.get(key)):
@@ -405,16 +406,30 @@ class MoEIModule(LightningModule):
             set_rng_states(checkpoint["rng_states"])
         if self.model is None:
             self.configure_model()
-        expected, saved = self._trainable_names(), set(checkpoint["state_dict"])
-        if expected != saved:
-            missing, extra = sorted(expected - saved)[:8], sorted(saved - expected)[:8]
-            raise ValueError(
-                f"the checkpoint's tensors do not match this model's trainable tensors: missing {missing}, "
+        shapes, saved = self._trainable_shapes(), checkpoint["state_dict"]
+        where = f"--ckpt_path {self._trainer.ckpt_path}: " if self._trainer is not None else ""
+        if shapes.keys() != saved.keys():
+            missing, extra = sorted(shapes.keys() - saved.keys())[:8], sorted(saved.keys() - shapes.keys())[:8]
+            raise CheckpointError(
+                f"{where}the checkpoint's tensors do not match this model's trainable tensors: missing {missing}, "
                 f"unexpected {extra}; it was saved with another model.adapter, model.molora or backbone"
+            )
+        wrong = [
+            f"{name} {tuple(saved[name].shape)} (model: {shape})"
+            for name, shape in shapes.items()
+            if tuple(saved[name].shape) != shape
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{where}{len(wrong)} tensors have other shapes than this model's, e.g. {wrong[0]}; it was saved "
+                "with another model.molora (num_experts, rank) or backbone: set those to the checkpoint's values"
             )
 
     def _trainable_names(self) -> set[str]:
-        return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        return set(self._trainable_shapes())
+
+    def _trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {clean_name(name): tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
 
 
 GRADIENT_CLIP_NORM = 1.0
@@ -427,6 +442,14 @@ DIVERGENCE_HINT = (
     "no checkpoint was written after this, so the last one saved is intact; lower the learning rate "
     "(model.optimizer.init_args.lr), check model.molora.alpha and the lambda_* weights, or resume from that checkpoint"
 )
+
+
+def check_optimizer(optimizer: OptimizerCallable) -> None:
+    """Build the optimizer once on a stand-in parameter: a bad argument fails at start, not after the logger began."""
+    try:
+        optimizer([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config key model.optimizer.init_args: the optimizer refuses them: {err}") from err
 
 
 def check_settings(**settings: float) -> None:

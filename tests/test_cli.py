@@ -177,3 +177,15 @@ def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture)
     assert out.startswith("usage: python -m moei_lightning")
     for command in ("fit", "validate", "test", "predict", "export", "generate", "lm-eval"):
         assert f"\n    {command} " in out, command
+    assert "--debug" in out
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "export", "generate"])
+def test_every_command_help_is_whole_sentences_of_plain_text(command: str, capsys: pytest.CaptureFixture) -> None:
+    assert exit_code([command, "--help"]) in (0, None)
+    out = capsys.readouterr().out
+    description = " ".join(out.split("\n\n")[1].split())  # the paragraph after the usage
+    assert description.endswith(".") and "``" not in description, description
+    assert "make sure you never run on your" not in out and "This will call the model" not in out
+    if command not in ("export", "generate"):  # those two have no traceback to show
+        assert "--debug" in description

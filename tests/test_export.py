@@ -62,6 +62,12 @@ def test_peft_round_trip_has_equal_logits(preset: str, tmp_path: Path) -> None:
     loaded = peft.PeftModel.from_pretrained(load_backbone(BackboneConfig(name_or_path=preset)), str(out)).eval()
     torch.testing.assert_close(logits(loaded, module.tokenizer, seq2seq), expected)
     torch.testing.assert_close(logits(loaded.merge_and_unload(), module.tokenizer, seq2seq), expected)
+    # PEFT knows no presets: the recorded base is a local directory its AutoPeftModel loads by itself
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()
+    auto = peft.AutoPeftModelForSeq2SeqLM if seq2seq else peft.AutoPeftModelForCausalLM
+    from_base = auto.from_pretrained(str(out)).eval()  # its own attention kernel: equal up to float rounding
+    torch.testing.assert_close(logits(from_base, module.tokenizer, seq2seq), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("preset", "adapter"), [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-t5", "full")])
@@ -89,6 +95,9 @@ def test_molora_exports_load_in_one_call(tmp_path: Path) -> None:
         assert (out / "config.json").is_file() == (fmt == "hf")
         loaded = moei_lightning.from_pretrained(out)
         torch.testing.assert_close(logits(loaded.model, loaded.tokenizer), expected)
+    # transformers alone would load the bare backbone without its adapters: it refuses the directory instead
+    with pytest.raises(ValueError, match="model type `moei_molora`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for fmt, message in (("merged", "no fixed delta"), ("peft", "only a LoRA adapter")):
         with pytest.raises(ValueError, match=message):
             export_checkpoint(path, tmp_path / fmt, fmt)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,7 +24,7 @@ from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_re
 from moei_lightning.errors import CheckpointError, CheckpointWriteError, ConfigError
 from moei_lightning.export import export_checkpoint, load_checkpoint
 from moei_lightning.export import main as export_main
-from moei_lightning.module import check_settings
+from moei_lightning.module import MoEIModule, check_settings
 from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molora, load_adapter, save_adapter
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
@@ -396,6 +397,132 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.molora.rank=abc", "config key model.molora.rank: expected an integer, got 'abc'"),
+        ("--data.batch_size=1.5", "config key data.batch_size: expected an integer, got '1.5'"),
+        ("--config=/no/such.yaml", "--config /no/such.yaml: no such file"),
+        ("--model.molora.alpha=inf", "config key model.molora.alpha: expected a finite number, got 'inf'"),
+        ("--model.lambda_inter=nan", "config key model.lambda_inter: expected a finite number, got 'nan'"),
+        ("--model.adapter=bogus", "config key model.adapter: expected one of 'molora', 'lora', 'full', got 'bogus'"),
+        ("--model.molora.routing=bogus", "config key model.molora.routing: expected one of 'token', 'prompt', got"),
+        ("--model.molora.inter=bogus", "config key model.molora.inter: expected one of 'gate', 'slot', 'none', got"),
+        ("--model.backbone.dtype=bogus", "config key model.backbone.dtype: expected one of 'float32', 'bfloat16'"),
+        ("--model.optimizer.init_args.lr=abc", "config key model.optimizer.init_args.lr: expected a finite number"),
+    ],
+)
+def test_type_and_choice_errors_are_one_line_naming_key_value_and_allowed(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", TINY, override, "--trainer.logger=false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" or (err.startswith(f"error: {message}") and len(err.splitlines()) == 1), err
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", TINY, override, "--debug"])
+    assert "usage:" in capsys.readouterr().err  # --debug keeps the parser's whole report
+
+
+def test_bad_trainer_and_optimizer_values_stop_before_the_wandb_run_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cases = {
+        "--model.optimizer.init_args.lr=-1": "config key model.optimizer.init_args: the optimizer refuses them: "
+        "Invalid learning rate: -1.0",
+        "--trainer.max_steps=-5": "config key trainer: `max_steps` must be a non-negative integer or -1",
+    }
+    for override, message in cases.items():
+        run = tmp_path / override.split("=")[0].strip("-")
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit", "--config", TINY, override, f"--run_dir={run}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+        assert not (run / "wandb").exists()
+
+
+def k2_checkpoint_without_hparams(path: Path) -> Path:
+    """The trainable tensors of a K=2 MoLoRA on tiny-llama, saved without the hyperparameters that say K=2."""
+    module = MoEIModule(backbone=BackboneConfig(name_or_path="tiny-llama"), molora=MoLoRAConfig(num_experts=2))
+    module.configure_model()
+    state = {k: v for k, v in module.state_dict().items() if k in module._trainable_names()}
+    torch.save({"state_dict": state, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def test_a_ckpt_path_that_does_not_fit_the_model_is_one_line(tmp_path, capsys):
+    checkpoint = k2_checkpoint_without_hparams(tmp_path / "k2.ckpt")
+    not_a_checkpoint = tmp_path / "some_dir"
+    not_a_checkpoint.mkdir()
+    cases = {
+        str(not_a_checkpoint): f"--ckpt_path {not_a_checkpoint}: a directory, not a checkpoint",
+        str(checkpoint): f"--ckpt_path {checkpoint}: 12 tensors have other shapes than this model's",
+    }
+    for ckpt_path, message in cases.items():
+        args = ["test", "--config", TINY, *PINNED, "--model.molora.num_experts=4", "--trainer.logger=false"]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*args, f"--ckpt_path={ckpt_path}", f"--run_dir={tmp_path}/run"])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), errors
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into any directory: what a read-only filesystem answers instead
+
+        def read_only(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(cli.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY_FIT, f"--run_dir={run}"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"error: run_dir {run}: cannot write into it" in errors[0], errors
+
+
+def test_generate_output_naming_a_directory_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do you feel?\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--adapter", str(tmp_path), "--prompts", str(prompts), "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path} is a directory; give the path of a file to write\n"
+
+
+def test_a_template_word_outside_a_vocabulary_without_unknown_token_is_named(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moei_lightning.data.encode import Encoder
+    from moei_lightning.data.prompts import PromptFormatter
+
+    words = Tokenizer(models.WordLevel({word: i for i, word in enumerate(["</s>", "a", "Answer:"])}))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    assert tokenizer.unk_token is None
+    message = r"data\.prompt_template: the word 'Options:' of the template is not in the vocabulary"
+    with pytest.raises(DataError, match=message):
+        Encoder(tokenizer, PromptFormatter(tokenizer=tokenizer), "causal", 64)
+    Encoder(tokenizer, PromptFormatter("{instruction}\n\nAnswer:", tokenizer=tokenizer), "causal", 64)
+
+
+@pytest.mark.slow
+def test_a_fit_logged_to_wandb_writes_no_colour_codes_into_a_log_file(tmp_path):
+    log = tmp_path / "fit.log"
+    with log.open("w") as out:  # stdout and stderr both a file, as under SLURM or `> fit.log 2>&1`
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+        for key in (RUN_DIR_ENV, "WANDB_SILENT"):  # W&B's closing lines are what this checks
+            env.pop(key, None)
+        command = [sys.executable, "-m", "moei_lightning", *TINY_FIT[:-1], "--trainer.max_steps=1"]
+        result = subprocess.run([*command, f"--run_dir={tmp_path}/run"], stdout=out, stderr=out, env=env, timeout=600)
+    text = log.read_text()
+    assert result.returncode == 0, text[-2000:]
+    assert "wandb sync" in text and "\x1b[" not in text, text[-1000:]
+
+
 def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -600,4 +727,3 @@ def test_a_finished_run_resumed_with_more_steps_trains_them(tmp_path):
     after = read_checkpoint_file(last)
     assert after["global_step"] == 4
     assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
-

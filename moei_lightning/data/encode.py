@@ -20,6 +20,7 @@ each to ``max_length``. An example that would keep no target token (causal) or n
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -95,7 +96,24 @@ class Encoder:
         self.formatter = formatter
         self.kind = kind
         self.max_length = max_length
+        self._check_template_words()
         self.lead, self.tail = special_affixes(tokenizer)
+
+    def _check_template_words(self) -> None:
+        """Every word of the template must tokenise: a tokenizer without an unknown token fails on new words.
+
+        Without this, the first batch fails inside the tokenizer with a message that names no word.
+        """
+        literal = " ".join(text for text, *_ in string.Formatter().parse(self.formatter.template))
+        for word in dict.fromkeys([*literal.split(), *(self.formatter.system_prompt or "").split()]):
+            try:
+                self.tokenizer(word, add_special_tokens=False)
+            except Exception as err:  # the tokenizers library raises a bare Exception
+                raise DataError(
+                    f"config key data.prompt_template: the word {word!r} of the template is not in the vocabulary "
+                    f"of the tokenizer {type(self.tokenizer).__name__}, which has no unknown token ({err}); "
+                    "write the template (and data.system_prompt) in words the tokenizer knows"
+                ) from err
 
     def encode(self, records: list[EiRecord], split: str) -> tuple[list[Example], DataReport]:
         """Tokenise ``records`` in order; the report tells what was truncated or skipped and why."""
