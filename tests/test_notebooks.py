@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from moei_lightning.callbacks.stats_files import ROUTER_FILE, append_rows, read_rows
 from moei_lightning.cli import main
 from moei_lightning.data import SAMPLES_DIR
 from moei_lightning.eval.report import Report, Table
@@ -98,6 +100,23 @@ def test_router_analysis(runs: list[Path], kernel: str, tmp_path: Path, monkeypa
         assert (tmp_path / "figures" / figure).stat().st_size > 0, figure
     assert len((tmp_path / "figures" / "layer_separation.csv").read_text().splitlines()) == 1 + 4  # 4 layers
     assert not (REPO / "notebooks" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_router_analysis_compares_a_snapshot_that_holds_both_domains(
+    runs: list[Path], kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    rows = read_rows(run, ROUTER_FILE)
+    last = max(r["step"] for r in rows)
+    # a short `test` afterwards that saw EI records only: the newest snapshot has no GI tokens
+    append_rows(run, ROUTER_FILE, [dict(r, stage="test", step=last) for r in rows if r["domain"] == "ei"][:8])
+    monkeypatch.setenv("MOEI_NOTEBOOK_RUN", relative(run))
+    monkeypatch.setenv("MOEI_NOTEBOOK_FIGURES", relative(tmp_path / "figures"))
+    notebook = execute("router_analysis.ipynb", kernel, monkeypatch)
+    printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert f"final snapshot: stage 'val', step {last}" in printed, printed
 
 
 @pytest.mark.slow
