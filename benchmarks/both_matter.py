@@ -22,7 +22,7 @@ shut (the ``health`` section of ``summary.json``); the figure beside the results
 run's gate trajectory.
 
     python benchmarks/both_matter.py --jobs 2              # 3 seeds, learning-rate search: ~30 min on 2 cores
-    python benchmarks/both_matter.py --quick --jobs 2      # 1 seed, no search: about 5 minutes on 2 cores
+    python benchmarks/both_matter.py --quick --threads 1 --jobs 2  # 1 seed, no search: two one-thread fits at once
     python benchmarks/both_matter.py --methods moei lora --seeds 5 --threads 1 2 --no-search --jobs 2  # 36 min
     python benchmarks/both_matter.py --out results.json --figure both_matter.png
 """
