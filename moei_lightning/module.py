@@ -208,7 +208,7 @@ class MoEIModule(LightningModule):
         masks = {"lm_ei": supervised & is_ei, "lm_gi": supervised & ~is_ei}
         terms = {name: masked_mean(token_loss, mask) for name, mask in masks.items()}
         records = list(self.recorder.records.values()) if self.recorder is not None else []
-        gates = [r for r in records if r.gate is not None and r.gate.numel()]
+        gates = [r for r in records if r.gate_logit is not None and r.gate_logit.numel()]
         self._check_gates(gates)  # a NaN gate would crash the BCE (a device assert on CUDA) with no hint why
         counts = {name: mask.sum() for name, mask in masks.items()}
         for record in gates:
@@ -503,7 +503,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def gate_counts(record: Any, domain: torch.Tensor, balanced: bool) -> dict[str, torch.Tensor]:
     """How many decisions each mean of :func:`inter_loss` averages over, keyed as its ``scales``."""
     if not balanced:
-        return {record.stream: torch.tensor(record.gate.numel(), device=domain.device)}
+        return {record.stream: torch.tensor(record.gate_logit.numel(), device=domain.device)}
     ei = domain[record.example_index].bool()
     return {f"{record.stream}:ei": ei.sum(), f"{record.stream}:gi": (~ei).sum()}
 
@@ -525,7 +525,7 @@ def inter_loss(
     per_layer = []
     with torch.autocast(device_type=domain.device.type, enabled=False):
         for r in records:
-            if not r.gate.numel():
+            if not r.gate_logit.numel():
                 continue
             target = domain[r.example_index].float()
             bce = F.binary_cross_entropy_with_logits(r.gate_logit.float(), target, reduction="none")

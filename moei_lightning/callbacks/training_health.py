@@ -17,6 +17,7 @@ carries the worst window ratio, every event and the gate's worst GI window once 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,14 @@ _EI, _GI = 0, 1  # the ("ei", all) and ("gi", all) columns of routing.GROUPS
 
 @dataclass
 class _Window:
-    """Sums over the steps of one window: training loss, and inter-gate sums and counts per domain."""
+    """Sums over the steps of one window: training loss, and inter-gate sums and counts per domain.
 
-    loss: float = 0.0
+    The sums stay tensors on the training device until the window closes, so no step waits for the device.
+    """
+
+    loss: torch.Tensor | float = 0.0
     steps: int = 0
-    gate: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # ei sum, ei count, gi sum, gi count
+    gate: torch.Tensor | list[float] = field(default_factory=lambda: [0.0] * 4)  # ei sum, ei count, gi sum, gi count
 
 
 class TrainingHealth(Callback):
@@ -116,40 +120,49 @@ class TrainingHealth(Callback):
         groups = _named_groups(optimizer)
         self._grad_norms = _norms(trainer, {n: [p.grad for p in ps if p.grad is not None] for n, ps in groups.items()})
         self._rates = {name: float(group["lr"]) for name, group in zip(groups, optimizer.param_groups)}
-        self._snapshot = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+        # The backbone's own weights (adapter: full) are not copied: the copy would double the model's memory.
+        self._snapshot = {
+            name: [p.detach().clone() for p in params] for name, params in groups.items() if name != "backbone"
+        }
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int
     ) -> None:
-        terms = {
-            k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
-        }
+        metrics = trainer.callback_metrics
         step = trainer.global_step
-        if step > self._start and "loss" in terms:
-            self._add(pl_module, batch, terms["loss"])
+        if step > self._start and "train/loss" in metrics:
+            self._add(pl_module, batch, metrics["train/loss"])
         if step > self._start and (step - self._start) % self.window == 0 and self._current.steps:
             self._close_window(trainer, step)
         if self._snapshot is not None and trainer.optimizers:
+            terms = {k.removeprefix("train/"): float(v) for k, v in metrics.items() if k.startswith("train/")}
             self._log_step(trainer, terms)
 
     # ---- windows -----------------------------------------------------------------------------------
 
-    def _add(self, pl_module: LightningModule, batch: dict[str, Any], loss: float) -> None:
-        self._current.loss += loss
+    def _add(self, pl_module: LightningModule, batch: dict[str, Any], loss: torch.Tensor) -> None:
+        self._current.loss = self._current.loss + loss.detach().double()
         self._current.steps += 1
         recorder = getattr(pl_module, "recorder", None)
         if not self._layers or recorder is None:
             return
         membership = group_membership(batch["domain"], batch["aspect"])
         sums = batch_sums(recorder.records, self._layers, membership, self._layout).sum(0)
-        for domain in (_EI, _GI):
-            self._current.gate[2 * domain] += float(sums[domain, GATE])
-            self._current.gate[2 * domain + 1] += float(sums[domain, COUNT])
+        gate = sums[[_EI, _GI]][:, [GATE, COUNT]].reshape(-1)
+        self._current.gate = torch.as_tensor(self._current.gate, dtype=torch.float64, device=gate.device) + gate
 
     def _close_window(self, trainer: Trainer, step: int) -> None:
         """Every rank sums its window; rank 0's view equals every rank's, so all print the same verdict."""
-        local = torch.tensor([self._current.loss, self._current.steps, *self._current.gate], dtype=torch.float64)
-        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu().tolist()
+        device = trainer.strategy.root_device
+        current = self._current
+        local = torch.cat(
+            [
+                torch.as_tensor(current.loss, dtype=torch.float64, device=device).reshape(1),
+                torch.tensor([float(current.steps)], dtype=torch.float64, device=device),
+                torch.as_tensor(current.gate, dtype=torch.float64, device=device),
+            ]
+        )
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         self._current = _Window()
         loss = total[0] / max(total[1], 1)
         gate_ei = total[2] / total[3] if total[3] else None
@@ -197,22 +210,23 @@ class TrainingHealth(Callback):
 
     def _log_step(self, trainer: Trainer, terms: dict[str, float]) -> None:
         groups = _named_groups(trainer.optimizers[0])
-        deltas = {n: [p.detach() - old for p, old in zip(ps, self._snapshot[n])] for n, ps in groups.items()}
-        self._snapshot = None
+        snapshot, self._snapshot = self._snapshot, None
+        # one difference at a time: a generator, never a second copy of the whole group
+        deltas = {n: (p.detach() - old for p, old in zip(groups[n], olds)) for n, olds in snapshot.items()}
         update_norms = _norms(trainer, deltas)
         param_norms = _norms(trainer, {n: [p.detach() for p in ps] for n, ps in groups.items()})
         if not trainer.is_global_zero:
             return
-        per_group = {
-            name: {
+        per_group = {}
+        for name in groups:
+            update = update_norms.get(name)
+            per_group[name] = {
                 "lr": self._rates.get(name),
                 "grad_norm": self._grad_norms.get(name),
-                "update_norm": update_norms[name],
-                "update_ratio": update_norms[name] / param_norms[name] if param_norms[name] else None,
+                "update_norm": update,
+                "update_ratio": update / param_norms[name] if update is not None and param_norms[name] else None,
                 "param_norm": param_norms[name],
             }
-            for name in groups
-        }
         step = trainer.global_step
         row = {"step": step, "epoch": trainer.current_epoch, "loss_terms": terms, "groups": per_group}
         append_rows(trainer.default_root_dir, TRAIN_FILE, [row])
@@ -270,7 +284,7 @@ def _named_groups(optimizer: Optimizer) -> dict[str, list[torch.Tensor]]:
     return {group.get("name", f"group{i}"): list(group["params"]) for i, group in enumerate(optimizer.param_groups)}
 
 
-def _norms(trainer: Trainer, tensors: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+def _norms(trainer: Trainer, tensors: dict[str, Iterable[torch.Tensor]]) -> dict[str, float]:
     """The L2 norm of each list of tensors; sharded tensors (FSDP2) are summed over ranks."""
     names = list(tensors)
     local, sharded = [], False

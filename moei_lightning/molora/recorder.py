@@ -106,13 +106,19 @@ class LazyRecord(RoutingRecord):
     """A record cut out of the layer's (batch, length, .) tensors when first read, so writing it costs nothing."""
 
     def __init__(
-        self, stream: Stream, tokens: RealTokens, gate: torch.Tensor | None, probs: torch.Tensor | None, experts: int
+        self,
+        stream: Stream,
+        tokens: RealTokens,
+        gate_logit: torch.Tensor | None,
+        probs: torch.Tensor | None,
+        experts: int,
     ) -> None:
-        self.stream, self._tokens, self._gate, self._probs, self._experts = stream, tokens, gate, probs, experts
+        self.stream, self._tokens, self._gate_logit = stream, tokens, gate_logit
+        self._probs, self._experts = probs, experts
 
     @cached_property
     def gate_logit(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._gate is None else self._tokens.take(self._gate).squeeze(-1)
+        return None if self._gate_logit is None else self._tokens.take(self._gate_logit).squeeze(-1)
 
     @cached_property
     def gate(self) -> torch.Tensor | None:  # type: ignore[override]
