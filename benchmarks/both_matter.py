@@ -4,8 +4,11 @@ Runs full fine-tuning, LoRA, MoEI and the two ablations (without intra: K=1; wit
 ``inter: none``) through the project's own CLI (``moei_lightning.cli.main``, in process), from the
 same config (default ``conf/tiny.yaml``: the shipped GI-pretrained backbone and the bundled synthetic
 EI/GI data), with the same steps and data. Every number comes from the ``FitSummary`` each fit
-writes (``summary.json``): multiple-choice ``acc_norm`` on the test split, EI per aspect, GI per
-dimension, the mean inter gate on EI and GI prompts.
+writes (``summary.json``): multiple-choice accuracy on the test split, EI per aspect, GI per
+dimension, the mean inter gate on EI and GI prompts. Both of lm-evaluation-harness's accuracies are
+kept (``acc``: highest summed log-likelihood; ``acc_norm``: per character) and a table is printed for
+each; the learning-rate search, the claims and the figure read the summary's primary metric
+(``primary_metric``, ``acc_norm`` for these records).
 
 Learning rates: each method tries its grid (``LR_GRID``) with the first seed; the rate with the best
 validation score, the mean of EI and GI validation accuracy, is kept for every seed (the test split
@@ -125,7 +128,7 @@ def fit(
     done = run_dir / "summary.json"
     if done.is_file():
         summary = json.loads(done.read_text())
-        if set(splits) <= set(summary["splits"]):
+        if set(splits) <= set(summary["splits"]) and "primary_metric" in summary:  # else: an older layout
             return summary
 
     args = [
@@ -154,9 +157,26 @@ def fit(
 
 
 def validation_score(summary: dict[str, Any]) -> float:
-    """What the learning-rate search maximises: mean of EI and GI validation accuracy after the fit."""
-    after = summary["splits"]["val"]["after"]
-    return (after["ei"]["avg"] + after["gi"]["avg"]) / 2
+    """What the learning-rate search maximises: mean of EI and GI validation accuracy (primary) after the fit."""
+    after, primary = summary["splits"]["val"]["after"], summary["primary_metric"]
+    return (after["ei"][primary["ei"]]["avg"] + after["gi"][primary["gi"]]["avg"]) / 2
+
+
+def accuracies(block: dict[str, Any], metric: str) -> dict[str, Any]:
+    """One accuracy of a summary block: EI and GI averages, per aspect and per dimension."""
+    return {
+        "ei": block["ei"][metric]["avg"],
+        "gi": block["gi"][metric]["avg"],
+        "ei_aspects": _groups(block["ei"][metric]),
+        "gi_dimensions": _groups(block["gi"][metric]),
+    }
+
+
+def by_metric(blocks: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+    """Both accuracies of every run: metric -> field (``ei``, ``gi``, ``ei_aspects``, ``gi_dimensions``) -> runs."""
+    metrics = list(blocks[0]["ei"])
+    per_run = {metric: [accuracies(block, metric) for block in blocks] for metric in metrics}
+    return {metric: {key: [run[key] for run in runs] for key in runs[0]} for metric, runs in per_run.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,8 +197,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = [(seed, threads) for threads in args.threads for seed in seeds]
     rest = [(m, chosen[m], *run) for m in args.methods for run in runs if run != first]
     done.update(zip(rest, fit_all(args, rest, work)))
+    primary = done[jobs[0]]["primary_metric"]
+    if primary["ei"] != primary["gi"]:
+        raise ValueError(f"EI and GI score with different accuracies {primary}; the tables compare one metric")
     results: dict[str, Any] = {
         "config": str(args.config),
+        "primary_metric": primary["ei"],
         "seeds": seeds,
         "threads": args.threads,
         "torch_default_threads": args.default_threads,
@@ -187,17 +211,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         per_run = [done[(method, chosen[method], *run)] for run in runs]
         tests = [s["splits"]["test"] for s in per_run]
-        results.setdefault("base", _base(tests[0]["before"]))
+        if "base" not in results:
+            base = {metric: accuracies(tests[0]["before"], metric) for metric in tests[0]["before"]["ei"]}
+            results["base"] = {**base[primary["ei"]], "by_metric": base}
+        after = by_metric([t["after"] for t in tests])
         results["methods"][method] = {
             "lr": chosen[method],
             "lr_grid": grids[method],
             "runs": [{"seed": seed, "threads": threads} for seed, threads in runs],
-            "ei": [t["after"]["ei"]["avg"] for t in tests],
-            "gi": [t["after"]["gi"]["avg"] for t in tests],
+            **after[primary["ei"]],  # ei, gi, ei_aspects, gi_dimensions: the primary accuracy
+            "by_metric": after,
             "gate_ei": [t["after"]["gate_ei"] for t in tests],
             "gate_gi": [t["after"]["gate_gi"] for t in tests],
-            "ei_aspects": [_groups(t["after"]["ei"]) for t in tests],
-            "gi_dimensions": [_groups(t["after"]["gi"]) for t in tests],
             "health": [_health(s.get("health", {})) for s in per_run],
             "trainable_parameters": per_run[0]["trainable_parameters"],
             "wall_s": [s.get("wall_s") for s in per_run],
@@ -241,15 +266,6 @@ def _health(health: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _base(before: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "ei": before["ei"]["avg"],
-        "gi": before["gi"]["avg"],
-        "ei_aspects": _groups(before["ei"]),
-        "gi_dimensions": _groups(before["gi"]),
-    }
-
-
 def _groups(accuracy: dict[str, float]) -> dict[str, float]:
     return {key: value for key, value in accuracy.items() if key != "avg"}
 
@@ -268,9 +284,10 @@ def _pm(values: list[float | None], digits: int = 1) -> str:
     return f"{statistics.fmean(present):.{digits}f}±{statistics.stdev(present):.{digits}f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    """The paper-shaped table: EI per aspect, GI per dimension, changes against the base, gates, time."""
-    base = results["base"]
+def table(results: dict[str, Any], metric: str) -> str:
+    """The paper-shaped table of one accuracy: EI per aspect, GI per dimension, changes against the base, gates,
+    time."""
+    base = results["base"]["by_metric"][metric]
     aspects, dims = list(base["ei_aspects"]), list(base["gi_dimensions"])
     header = ["method", *aspects, "EI", "ΔEI", *dims, "GI", "ΔGI", "gate EI", "gate GI", "wall s"]
     rows = [
@@ -287,7 +304,8 @@ def table(results: dict[str, Any]) -> str:
             "",
         ]
     ]
-    for name, m in results["methods"].items():
+    for name, method in results["methods"].items():
+        m = {**method, **method["by_metric"][metric]}
         rows.append(
             [
                 f"{LABELS[name]} (lr {m['lr']:g})",
@@ -463,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["wall_s"] = time.perf_counter() - start
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(table(results))
+    for metric in sorted(results["base"]["by_metric"], key=lambda m: m != results["primary_metric"]):
+        which = "primary, the claims' metric" if metric == results["primary_metric"] else "for comparison"
+        print(f"\n{metric} ({which}):\n\n{table(results, metric)}")
     for method in results["methods"]:
         print(f"\n{LABELS[method]}, every run:\n\n{run_table(results, method)}")
     print()

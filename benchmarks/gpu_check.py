@@ -145,13 +145,13 @@ def tiny_command(ctx: Context) -> list[str]:
 
 
 def read_tiny(ctx: Context) -> dict[str, Any]:
-    """The fit's summary.json, trimmed to the validation split's averages and gates."""
+    """The fit's summary.json, trimmed to the validation split's averages (primary accuracy) and gates."""
     summary = json.loads((ctx.tiny_run_dir / "summary.json").read_text())
-    val = summary["splits"]["val"]
+    val, primary = summary["splits"]["val"], summary["primary_metric"]
     picked = {
         when: {
-            "ei": val[when]["ei"]["avg"],
-            "gi": val[when]["gi"]["avg"],
+            "ei": val[when]["ei"][primary["ei"]]["avg"],
+            "gi": val[when]["gi"][primary["gi"]]["avg"],
             "gate_ei": val[when]["gate_ei"],
             "gate_gi": val[when]["gate_gi"],
         }

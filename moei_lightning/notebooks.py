@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.json"
 RESULT_FILES = (REPORT_FILE, SUMMARY_FILE)
 Z_95 = 1.959964
+_ACCURACY = re.compile(r"\bacc(uracy|_norm)?\b")  # a summary row whose measure or note names an accuracy
 
 
 def base_dirs() -> list[Path]:
@@ -129,7 +131,7 @@ def _report_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         row = dict(zip(columns, values))
         suite, measure, note = str(row["suite"]), str(row["measure"]), str(row.get("note") or "")
         text = f"{measure} {note}".lower()
-        accuracy = (suite in ("GI", "EmoBench") or "accuracy" in text) and not any(
+        accuracy = (suite in ("GI", "EmoBench") or _ACCURACY.search(text) is not None) and not any(
             word in text for word in ("rouge", "change", "gate", "parseable")
         )
         rows.append({"suite": suite, "measure": measure, "score": row["score"], "n": row["n"], "accuracy": accuracy})
@@ -141,13 +143,15 @@ def _summary_rows(data: dict[str, Any], split: str | None, run: Path) -> list[di
     split = split or next(iter(splits))
     if split not in splits:
         raise KeyError(f"{run / SUMMARY_FILE} has no {split!r} split; it has {list(splits)}")
-    after = splits[split]["after"]
+    after, primary = splits[split]["after"], data["primary_metric"]
     rows = []
     for domain in ("ei", "gi"):
-        counts = after.get(f"counts_{domain}", {})
-        for key, score in after[domain].items():
-            n = after[f"n_{domain}"] if key == "avg" else counts.get(key)
-            measure = "average" if key == "avg" else key
+        counts, n_all = after.get(f"counts_{domain}", {}), after[f"n_{domain}"]
+        measures = [(group, score) for group, score in after[domain][primary[domain]].items() if group != "avg"]
+        measures.append(("average", after[domain][primary[domain]]["avg"]))  # as the report's summary lists them
+        measures += [(metric, values["avg"]) for metric, values in after[domain].items()]
+        for measure, score in measures:
+            n = counts.get(measure, n_all)
             rows.append(
                 {"suite": domain.upper(), "measure": measure, "score": score, "n": n, "accuracy": True, "split": split}
             )

@@ -86,3 +86,28 @@ def test_both_matter_checks_every_run_and_the_paired_difference() -> None:
 
     table = bench.run_table(_results(good, lora), "moei")
     assert table.splitlines()[2] == "| 0 | 1 | +35.0 | -0.2 | knowledge +0.0 | 0.990 | 0.010 | 1.20 | 0.010 |"
+
+
+def test_both_matter_tables_both_accuracies_of_the_summaries() -> None:
+    bench = load_benchmark("both_matter")
+
+    def block(acc: float, acc_norm: float) -> dict:
+        """A summary.json block: EI and GI, each accuracy per group with its average."""
+        return {
+            "ei": {"acc": {"perception": acc, "avg": acc}, "acc_norm": {"perception": acc_norm, "avg": acc_norm}},
+            "gi": {"acc": {"knowledge": 99.0, "avg": 99.0}, "acc_norm": {"knowledge": 100.0, "avg": 100.0}},
+        }
+
+    runs = bench.by_metric([block(50.0, 25.0), block(60.0, 35.0)])
+    assert runs["acc"]["ei"] == [50.0, 60.0] and runs["acc_norm"]["gi"] == [100.0, 100.0]
+    assert runs["acc_norm"]["ei_aspects"] == [{"perception": 25.0}, {"perception": 35.0}]
+    base = {metric: bench.accuracies(block(30.0, 25.0), metric) for metric in ("acc", "acc_norm")}
+    moei = {"lr": 3e-3, **runs["acc_norm"], "by_metric": runs, "gate_ei": [0.99] * 2, "gate_gi": [0.01] * 2}
+    results = {
+        "primary_metric": "acc_norm",
+        "base": {**base["acc_norm"], "by_metric": base},
+        "methods": {"moei": {**moei, "wall_s": [1.0, 1.0]}},
+    }
+    assert "| 55.0±7.1 | 55.0±7.1 | +25.0 |" in bench.table(results, "acc")  # EI 50 and 60 against 30
+    assert "| 30.0±7.1 | 30.0±7.1 | +5.0 |" in bench.table(results, "acc_norm")
+    assert "| 99.0 | 99.0 |" in bench.table(results, "acc")  # the base's GI by summed log-likelihood

@@ -11,7 +11,7 @@ from moei_lightning.callbacks import EiMetricsCallback, RouterStatsCallback
 from moei_lightning.callbacks.stats_files import METRICS_FILE, ROUTER_FILE, read_rows
 from moei_lightning.data import EiRecord, MoEIDataModule
 from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome
-from moei_lightning.eval.scorer import metric_key, record_items, score_rows
+from moei_lightning.eval.scorer import record_items, row_key, score_rows
 from moei_lightning.eval.scoring import ChoiceScores
 from moei_lightning.eval.text_metrics import score_generations
 from moei_lightning.module import MoEIModule
@@ -52,7 +52,8 @@ EXPECTED_FRACTIONS = {
     "val/ei/perception/intensity/acc": 0.5,
     "val/ei/perception/intensity/f1": (2 / 3 + 0.0) / 2,
     "val/ei/perception/acc": 3 / 6,  # pooled over the aspect's records
-    "val/ei/perception/f1": ((0.5 + 2 / 3) / 3 + 1 / 3) / 2,  # mean of the tasks' macro-F1
+    "val/ei/perception/acc_norm": 3 / 6,  # one character per choice: the same answers
+    "val/ei/perception/f1": (4 * (0.5 + 2 / 3) / 3 + 2 * 1 / 3) / 6,  # the tasks' macro-F1, weighted by items
     "val/ei/perception/score": 0.5,
     "val/ei/cognition/cause/acc": 1.0,
     "val/ei/cognition/cause/f1": 1.0,  # labels never seen in the data do not count
@@ -61,11 +62,13 @@ EXPECTED_FRACTIONS = {
     "val/ei/expression/reply/bleu4": 1.0,
     "val/ei/expression/reply/distinct1": 12 / 13,  # "that" twice among 13 words
     "val/ei/expression/score": 1.0,  # an open task's score is its ROUGE-L
-    "val/ei/avg": (0.5 + 1.0 + 1.0) / 3,
+    "val/ei/avg": (6 * 0.5 + 2 * 1.0 + 2 * 1.0) / 10,  # the aspects' scores weighted by their items
+    "val/ei/acc": 5 / 8,  # every EI choice record
     "val/gi/knowledge/capitals/acc": 2 / 3,
     "val/gi/knowledge/acc": 2 / 3,
     "val/gi/reasoning/acc": 0.0,
-    "val/gi/avg": (2 / 3 + 0.0) / 2,
+    "val/gi/acc_norm": 2 / 4,
+    "val/gi/avg": 2 / 4,
 }
 
 
@@ -86,7 +89,7 @@ def _rows(cases: list) -> list[dict]:
 
 
 def _values(rows: list[dict]) -> dict[str, float]:
-    return {metric_key("val", r): r["value"] for r in rows}
+    return {row_key("val", r): r["value"] for r in rows}
 
 
 def test_known_answers_per_task_aspect_and_domain_in_percent() -> None:
@@ -99,7 +102,7 @@ def test_known_answers_per_task_aspect_and_domain_in_percent() -> None:
     assert not any(k.startswith("val/gi/") and k.endswith("/f1") for k in values)  # GI: accuracy only
     assert all(0.0 <= v <= 100.0 + 1e-9 for v in values.values())
     assert all(k == k.lower() for k in values)  # snake_case keys
-    counts = {metric_key("val", r): r["n"] for r in rows}
+    counts = {row_key("val", r): r["n"] for r in rows}
     assert counts["val/ei/perception/acc"] == 6 and counts["val/ei/expression/bleu4"] == 2
     assert counts["val/ei/avg"] == 10 and counts["val/gi/avg"] == 4
 
@@ -138,7 +141,7 @@ def test_callback_sharded_path_gives_the_one_process_rows_with_equal_calls(tmp_p
     sharded = world.run(lambda rank: callback.score(modules[rank], datamodule, "val", rank, 2, world.gather_for(rank)))
     assert calls[0] == calls[1] > 0
     for rows in sharded:
-        assert [metric_key("val", r) for r in rows] == [metric_key("val", r) for r in single]
+        assert [row_key("val", r) for r in rows] == [row_key("val", r) for r in single]
         assert _values(rows) == pytest.approx(_values(single), abs=1e-6)
         assert [r["n"] for r in rows] == [r["n"] for r in single]
 

@@ -72,6 +72,12 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
     logged_rows = {r["key"]: r["value"] for r in read_rows(run_dir, METRICS_FILE) if r["stage"] == "test"}
     assert logged_rows["test/ei/avg"] == pytest.approx(report["scores"]["EI/average"])
     assert logged_rows["test/gi/avg"] == pytest.approx(report["scores"]["GI/average"])
+    ei_gi = {k: v for k, v in report["metrics"].items() if k.startswith(("test/ei/", "test/gi/"))}
+    assert {"test/ei/avg", "test/ei/acc", "test/ei/acc_norm", "test/gi/knowledge/score"} <= set(ei_gi)
+    assert ei_gi == pytest.approx({key: logged_rows[key] for key in ei_gi})  # the report's keys are the logged ones
+    choices = [json.loads(line) for line in (run_dir / "choices.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {c["suite"] for c in choices} == {"eibench", "gi", "emotion_prompt"}
+    assert all(len(c["loglikelihoods"]) == len(c["chars"]) and {c["acc"], c["acc_norm"]} <= {0, 1} for c in choices)
     assert len((run_dir / "emobench_replies.jsonl").read_text(encoding="utf-8").splitlines()) == 40
     assert len((run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()) == 18
 

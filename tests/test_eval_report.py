@@ -1,6 +1,7 @@
 """The report from hand-made outcomes: every number checked, both files written, reports compared side by side."""
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -11,23 +12,44 @@ from moei_lightning.eval.compare import main as compare_main
 from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emobench import Question as EmoQuestion
 from moei_lightning.eval.eqbench import Question, score_responses
+from moei_lightning.eval.fit_summary import _change, score_records, summary_markdown
 from moei_lightning.eval.harness import ChoiceOutcome, EqBenchOutcome, OpenOutcome, Results
 from moei_lightning.eval.report import Report, load_report
+from moei_lightning.eval.scorer import row_key, score_rows
 from moei_lightning.eval.scoring import ChoiceScores
 from moei_lightning.eval.suites import EqBenchQuestions, Item
 
 NAMES = ["eibench", "gi", "eqbench", "emobench", "emotion_prompt"]
 CONFIG = {"checkpoint": "runs/x/last.ckpt", "backbone": {"name_or_path": "tiny"}, "adapter": "molora", "data": {}}
 REFERENCE = {"Angry": 7, "Calm": 0, "Proud": 3, "Scared": 5}
+IDS = itertools.count()
 
 
-def choice(source: str, task: str, group: str, correct: bool, language: str = "en", gate: float | None = None):
-    record = EiRecord(id=f"{task}-{id(object())}", task=task, domain="ei", aspect=group, instruction="i", input="x",
-                      output="b", choices=["a", "b", "c"])  # fmt: skip
-    predicted = 1 if correct else 0
-    logprobs = [-1.0 if i == predicted else -5.0 for i in range(3)]
+def choice(
+    source: str,
+    task: str,
+    group: str,
+    correct: bool,
+    language: str = "en",
+    gate: float | None = None,
+    acc_correct: bool | None = None,
+) -> ChoiceOutcome:
+    """An outcome right or wrong by acc_norm, and by acc as ``acc_correct`` says (default: the same)."""
+    domain = "gi" if source in ("gi", "mmlu") else "ei"
+    record = EiRecord(id=f"{task}-{next(IDS)}", task=task, domain=domain, aspect=group, instruction="i",
+                      input="x", output="bb", choices=["a", "bb", "cccc"])  # fmt: skip
+    if acc_correct is None or acc_correct == correct:
+        logprobs, chars = [-1.0 if i == (1 if correct else 0) else -5.0 for i in range(3)], [1, 1, 1]
+    elif correct:  # per character "bb" wins (-1 / 2), summed "a" wins (-0.9)
+        logprobs, chars = [-0.9, -1.0, -9.0], [1, 2, 4]
+    else:  # per character "cccc" wins (-1.2 / 4), summed "bb" wins (-1.0)
+        logprobs, chars = [-9.0, -1.0, -1.2], [1, 2, 4]
     item = Item(source, task, group, language, record, answer=1)
-    return ChoiceOutcome(item, ChoiceScores(logprobs, [1, 1, 1], [1, 1, 1]), gate)
+    outcome = ChoiceOutcome(item, ChoiceScores(logprobs, [1, 1, 1], chars), gate)
+    assert outcome.correct("acc_norm") == correct and outcome.correct("acc") == (
+        correct if acc_correct is None else acc_correct
+    )
+    return outcome
 
 
 def open_outcome(task: str, prediction: str, reference: str) -> OpenOutcome:
@@ -61,8 +83,8 @@ def make_results(gates: bool = True) -> Results:
     return Results(
         eibench=[
             choice("eibench", "polarity", "perception", True),
-            choice("eibench", "polarity", "perception", False),
-            choice("eibench", "intensity", "perception", True),
+            choice("eibench", "polarity", "perception", False, acc_correct=True),
+            choice("eibench", "intensity", "perception", True, acc_correct=False),
         ],
         eibench_open=[open_outcome("reply", "thank you so much", "thank you so much")] * 2,
         gi=gi,
@@ -80,21 +102,26 @@ def make_results(gates: bool = True) -> Results:
 def test_summary_numbers() -> None:
     report = build_report(NAMES, make_results(), CONFIG, {"EP02": "This is very important to my career."})
     scores = report.scores
-    assert scores["EI/perception"] == pytest.approx(75.0)  # mean of the tasks (50, 100), not of the items
+    assert scores["EI/perception"] == pytest.approx(200 / 3)  # acc_norm over the items: tasks 1 of 2 and 1 of 1
     assert scores["EI/expression"] == pytest.approx(100.0)  # ROUGE-L of exact copies
-    assert scores["EI/average"] == pytest.approx(87.5)
+    assert scores["EI/average"] == pytest.approx((3 * 200 / 3 + 2 * 100.0) / 5)  # weighted by the aspects' items
+    assert scores["EI/acc"] == pytest.approx(200 / 3)  # by summed log-likelihood: tasks 2 of 2 and 0 of 1
+    assert scores["EI/acc_norm"] == pytest.approx(200 / 3)
+    assert report.tables["eibench"].rows[0][:6] == ["intensity", "perception", "choice", 1, 0.0, 100.0]
+    assert report.tables["eibench"].rows[1][:6] == ["polarity", "perception", "choice", 2, 100.0, 50.0]
     assert scores["GI/knowledge"] == pytest.approx(75.0)
     assert scores["GI/reasoning"] == pytest.approx(0.0)
-    assert scores["GI/average"] == pytest.approx(37.5)
+    assert scores["GI/average"] == pytest.approx(50.0)  # 3 of 6 GI items
     assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the parseable replies are perfect
     assert scores["EQ-Bench v2/parseable"] == 5
     assert scores["EmoBench/EU en"] == pytest.approx(50.0)
     assert scores["EmoBench/EU zh"] == pytest.approx(0.0)
     assert scores["EmoBench/EA en"] == pytest.approx(100.0)
     assert "EmoBench/average" not in scores  # the reference reports no pooled average
-    assert scores["EmotionPrompt/GI accuracy (plain)"] == pytest.approx(50.0)  # 3 of 6 GI items
-    assert scores["EmotionPrompt/GI accuracy (stimuli)"] == pytest.approx(0.0)
-    assert scores["EmotionPrompt/GI accuracy change"] == pytest.approx(-50.0)
+    for metric in ("acc", "acc_norm"):
+        assert scores[f"EmotionPrompt/GI {metric} (plain)"] == pytest.approx(50.0)  # 3 of 6 GI items
+        assert scores[f"EmotionPrompt/GI {metric} (stimuli)"] == pytest.approx(0.0)
+        assert scores[f"EmotionPrompt/GI {metric} change"] == pytest.approx(-50.0)
     assert scores["EmotionPrompt/inter gate (plain)"] == pytest.approx(0.2)
     assert scores["EmotionPrompt/inter gate change"] == pytest.approx(0.4)
     counts = {f"{row[0]}/{row[1]}": row[3] for row in report.summary.rows}
@@ -127,7 +154,8 @@ def test_report_files_hold_the_same_numbers(tmp_path: Path) -> None:
     assert load_report(json_path).to_dict() == report.to_dict()
     markdown = md_path.read_text(encoding="utf-8")
     assert "checkpoint: runs/x/last.ckpt" in markdown
-    assert "| EI | perception | 75.00 | 3 | mean of 2 choice tasks (accuracy) |" in markdown
+    row = "| EI | perception | 66.67 | 3 | size-weighted mean of 2 choice tasks (acc_norm) | test/ei/perception/score |"
+    assert row in markdown
     assert "5 of 6 parseable" in markdown and "of 171 questions" in markdown
     assert "eval.limit=20" in markdown
     for title in ("## Summary", "## EiBench (EI) tasks", "## GI tasks", "## EQ-Bench v2", "## EmoBench", "## Notes"):
@@ -144,8 +172,8 @@ def test_compare_puts_reports_side_by_side(tmp_path: Path, capsys: pytest.Captur
     compare_main([str(tmp_path / "base"), str(tmp_path / "moei" / "report.json"), "--output", str(output)])
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == "| suite | measure | base | moei |"
-    assert "| GI | average | 37.50 | 37.50 |" in printed
-    assert "| EI | perception | - | 75.00 |" in printed
+    assert "| GI | average | 50.00 | 50.00 |" in printed
+    assert "| EI | perception | - | 66.67 |" in printed
     assert output.read_text(encoding="utf-8") == printed
 
 
@@ -169,13 +197,89 @@ def test_failed_eqbench_run_has_no_score() -> None:
     assert "FAILED" in report.summary.rows[0][4]
 
 
-def test_metrics_are_snake_case_and_in_report_json(tmp_path: Path) -> None:
-    report = build_report(NAMES, make_results(), CONFIG, {"EP02": "This is very important to my career."})
+def test_report_keys_are_the_logged_keys(tmp_path: Path) -> None:
+    """The report's keys are the ones the test run logs: the EI/GI rows' keys, and test/<suite>/<measure>."""
+    results = make_results()
+    report = build_report(NAMES, results, CONFIG, {"EP02": "This is very important to my career."})
     metrics = report.metrics
-    assert metrics["ei/perception"] == report.scores["EI/perception"]
-    assert metrics["eq_bench_v2/score"] == report.scores["EQ-Bench v2/score"]
-    assert metrics["emobench/eu_en"] == report.scores["EmoBench/EU en"]
-    assert "emotionprompt/gi_accuracy_plain" in metrics
+    logged = {row_key("test", r): r["value"] for r in score_rows(results.eibench + results.gi, results.eibench_open)}
+    ei_gi = {key: value for key, value in metrics.items() if key.startswith(("test/ei/", "test/gi/"))}
+    assert ei_gi == {key: logged[key] for key in ei_gi}  # every EI/GI summary number under its logged key
+    assert set(ei_gi) == {
+        *(f"test/ei/{aspect}/score" for aspect in ("perception", "expression")),
+        *(f"test/gi/{dimension}/score" for dimension in ("knowledge", "reasoning")),
+        *(f"test/{domain}/{metric}" for domain in ("ei", "gi") for metric in ("avg", "acc", "acc_norm")),
+    }
+    assert metrics["test/ei/avg"] == report.scores["EI/average"]
+    assert metrics["test/eq_bench_v2/score"] == report.scores["EQ-Bench v2/score"]
+    assert metrics["test/emobench/eu_en"] == report.scores["EmoBench/EU en"]
+    assert "test/emotionprompt/gi_acc_norm_plain" in metrics and "test/emotionprompt/gi_acc_plain" in metrics
     assert all(key == key.lower() and " " not in key for key in metrics)
+    assert [row[5] for row in report.summary.rows] == list(metrics)  # one key per summary row, none shared
     json_path, _ = report.write(tmp_path)
     assert load_report(json_path).metrics == metrics
+
+
+class AnsweringHarness:
+    """Stands in for the model of the fit summary: answers every record as its outcome says, reads no gate."""
+
+    def __init__(self, outcomes: list[ChoiceOutcome]) -> None:
+        self.scores = {o.item.record.id: o.scores for o in outcomes}
+
+    def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
+        return [ChoiceOutcome(item, self.scores[item.record.id]) for item in items]
+
+    def gates(self, records: list[EiRecord]) -> list[float | None]:
+        return [None] * len(records)
+
+
+def test_one_averaging_rule_on_unbalanced_tasks() -> None:
+    """A task of 1 item beside one of 9: the fit summary, the report and the logged rows all pool the items."""
+    ei = [choice("eibench", "single", "perception", True)]
+    ei += [choice("eibench", "many", "perception", i == 0, acc_correct=i < 3) for i in range(9)]
+    ei += [choice("eibench", "cause", "cognition", True) for _ in range(2)]
+    gi = [choice("gi", "capitals", "knowledge", True)] + [choice("gi", "math", "reasoning", False) for _ in range(9)]
+    results = Results(eibench=ei, gi=gi)
+    report = build_report(["eibench", "gi"], results, CONFIG, {})
+    scores = report.scores
+    assert scores["EI/perception"] == pytest.approx(20.0)  # 2 of 10 items, where the mean of tasks is 55.6
+    assert scores["EI/average"] == pytest.approx(100 * 4 / 12)  # 4 of 12 items
+    assert scores["EI/acc"] == pytest.approx(100 * 6 / 12)  # 1 + 3 + 2 of 12 by summed log-likelihood
+    assert scores["GI/average"] == pytest.approx(10.0)  # 1 of 10, where the mean of dimensions is 50
+    summary = score_records(AnsweringHarness(ei + gi), [o.item.record for o in ei + gi])
+    assert summary["ei"]["acc"] == pytest.approx({"perception": 40.0, "cognition": 100.0, "avg": 50.0})
+    assert summary["ei"]["acc_norm"] == pytest.approx({"perception": 20.0, "cognition": 100.0, "avg": 100 * 4 / 12})
+    assert summary["gi"]["acc_norm"] == pytest.approx({"knowledge": 100.0, "reasoning": 0.0, "avg": 10.0})
+    assert (summary["counts_ei"], summary["n_gi"]) == ({"perception": 10, "cognition": 2}, 10)
+    for domain in ("ei", "gi"):  # the fit summary's numbers are the report's, key for key
+        for metric in ("acc", "acc_norm"):
+            assert report.metrics[f"test/{domain}/{metric}"] == pytest.approx(summary[domain][metric]["avg"])
+        assert report.metrics[f"test/{domain}/avg"] == pytest.approx(summary[domain]["acc_norm"]["avg"])
+    assert report.metrics["test/ei/perception/score"] == pytest.approx(summary["ei"]["acc_norm"]["perception"])
+    blank = {**summary, "ei": {m: dict.fromkeys(v, 0.0) for m, v in summary["ei"].items()}}
+    fit = {
+        "primary_metric": {"ei": "acc_norm", "gi": "acc_norm"},
+        "splits": {"val": {"before": blank, "after": summary, "change": _change(blank, summary)}},
+        "started_from": "the backbone",
+        "adapter": "molora",
+        "trainable_parameters": 1,
+        "total_parameters": 10,
+        "run_dir": "runs/x",
+        "checkpoint": None,
+    }
+    markdown = summary_markdown(fit)
+    assert "| | acc_norm before | after | change | acc before | after | change |" in markdown
+    assert "| EI perception | 0.0 | 20.0 | +20.0 | 0.0 | 40.0 | +40.0 |" in markdown
+    assert "| GI average (n=10) | 10.0 | 10.0 | +0.0 | 10.0 | 10.0 | +0.0 |" in markdown
+
+
+def test_emobench_by_log_likelihood_reports_both_accuracies() -> None:
+    outcomes = [
+        EmoBenchOutcome(item.item, item.answers, by_metric={"acc": ["B"], "acc_norm": item.answers})
+        for item in (emobench_outcome("EA", "Social-Self", "en", correct) for correct in (True, False))
+    ]
+    report = build_report(["emobench"], Results(emobench=outcomes, emobench_protocol="loglikelihood"), CONFIG, {})
+    table = report.tables["emobench"]
+    assert table.columns == ["task", "language", "category", "n", "acc", "acc_norm"]
+    assert table.rows[-1] == ["EA", "en", "Overall", 2, 100.0, 50.0]  # acc: "B", right twice; acc_norm: once
+    assert report.metrics["test/emobench/ea_en"] == 50.0

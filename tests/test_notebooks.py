@@ -15,7 +15,7 @@ from nbclient.exceptions import CellExecutionError
 from moei_lightning.callbacks.stats_files import ROUTER_FILE, append_rows, read_rows
 from moei_lightning.cli import main
 from moei_lightning.data import SAMPLES_DIR
-from moei_lightning.eval.report import Report, Table
+from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
 from moei_lightning.notebooks import output_dir, resolve, wilson
 from tests.conftest import PINNED, REPO, TINY
 
@@ -136,14 +136,14 @@ def test_router_analysis_without_stats_says_so_and_writes_nothing(
 def write_report(run: Path) -> None:
     """A test report as the paper evaluation writes it: EI aspects (one open), GI, EQ-Bench."""
     rows = [
-        ["EI", "perception", 50.0, 40, "mean of 2 choice tasks (accuracy)"],
-        ["EI", "expression", 21.5, 20, "mean of 1 open task (ROUGE-L)"],
-        ["EI", "average", 35.75, 60, "mean of 2 aspects"],
-        ["GI", "knowledge", 25.0, 100, "mean of 1 tasks (accuracy)"],
-        ["GI", "average", 25.0, 100, "mean of 1 dimensions"],
-        ["EQ-Bench v2", "score", None, 20, "0 of 20 parseable"],
+        ["EI", "perception", 50.0, 40, "size-weighted mean of 2 choice tasks (acc_norm)", "test/ei/perception/score"],
+        ["EI", "expression", 21.5, 20, "size-weighted mean of 1 open task (ROUGE-L)", "test/ei/expression/score"],
+        ["EI", "average", 35.75, 60, "size-weighted mean of 2 aspects", "test/ei/avg"],
+        ["GI", "knowledge", 25.0, 100, "size-weighted mean of 1 task (acc_norm)", "test/gi/knowledge/score"],
+        ["GI", "average", 25.0, 100, "size-weighted mean of 1 dimension", "test/gi/avg"],
+        ["EQ-Bench v2", "score", None, 20, "0 of 20 parseable", "test/eq_bench_v2/score"],
     ]
-    summary = Table("Summary", ["suite", "measure", "score", "n", "note"], rows)
+    summary = Table("Summary", SUMMARY_COLUMNS, rows)
     Report(summary, config={"adapter": "molora"}).write(run)
     (run / "config.yaml").write_text("model:\n  adapter: molora\n")
 

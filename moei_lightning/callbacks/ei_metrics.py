@@ -2,7 +2,7 @@
 
 At the end of each validation (and test) epoch it answers the split's records with the model through
 the evaluation runner (:class:`~moei_lightning.eval.harness.Harness`): choice records by
-log-likelihood (acc_norm), open records by greedy generation. The runner deals the records out so
+log-likelihood (acc and acc_norm), open records by greedy generation. The runner deals the records out so
 that every rank makes the same forward and generate calls and gets every answer back; the rows come
 from the one scorer (:func:`~moei_lightning.eval.scorer.score_rows`), in percent. They are logged
 through the LightningModule (so checkpoints can monitor them, e.g. ``val/ei/avg``) and appended to
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from moei_lightning.callbacks.stats_files import METRICS_FILE, append_rows
 from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import Harness, OpenOutcome, Results
-from moei_lightning.eval.scorer import Row, metric_key, record_items, score_rows
+from moei_lightning.eval.scorer import Row, record_items, row_key, score_rows
 from moei_lightning.eval.suites import Item
 from moei_lightning.sharding import root_parameters_gathered
 
@@ -122,10 +122,10 @@ class EiMetricsCallback(Callback):
 
 def log_rows(split: str, rows: list[Row], trainer: Trainer, pl_module: LightningModule) -> None:
     """Log scorer rows through the module (every rank holds the same numbers) and append them to the stats file."""
-    pl_module.log_dict({metric_key(split, r): r["value"] for r in rows}, sync_dist=False)
+    pl_module.log_dict({row_key(split, r): r["value"] for r in rows}, sync_dist=False)
     if trainer.is_global_zero:
         stamp = {"stage": split, "step": trainer.global_step, "epoch": trainer.current_epoch}
-        append_rows(trainer.default_root_dir, METRICS_FILE, (stamp | r | {"key": metric_key(split, r)} for r in rows))
+        append_rows(trainer.default_root_dir, METRICS_FILE, (stamp | r | {"key": row_key(split, r)} for r in rows))
 
 
 def _evaluation_scores_ei_gi(trainer: Trainer) -> bool:

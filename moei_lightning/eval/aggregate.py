@@ -3,13 +3,15 @@
 How each number is made (docs/evaluation.md says the same for users):
 
 - EiBench and GI: the rows of :func:`moei_lightning.eval.scorer.score_rows`, the same numbers the
-  ``test`` run logs (acc_norm accuracy; BLEU-4, ROUGE-L, Distinct-1/2 in percent; a task scores its
-  accuracy or ROUGE-L, an aspect or dimension the mean of its tasks, the averages the mean of those).
+  ``test`` run logs, under the same keys (acc and acc_norm; BLEU-4, ROUGE-L, Distinct-1/2 in percent;
+  a task scores its primary accuracy or ROUGE-L, an aspect or dimension the size-weighted mean of its
+  tasks, the averages the size-weighted mean of those).
 - EmoBench: accuracy per task, language and category and Overall per language, as its reference
-  reports it (EU right only when emotion and cause both are); no pooled average.
+  reports it (EU right only when emotion and cause both are; the ``loglikelihood`` protocol: acc and
+  acc_norm); no pooled average.
 - EQ-Bench: the benchmark's own 0-100 score, rounded to 2 decimals as the reference harness rounds it;
   unparseable replies are counted, never dropped; under 83.33 % parseable the run has failed (no score).
-- EmotionPrompt: GI accuracy under each stimulus and its mean over stimuli, minus the plain accuracy
+- EmotionPrompt: GI acc and acc_norm under each stimulus and over all stimuli, minus the plain ones
   (percentage points); the mean inter gate over the same prompts, plain and with stimuli.
 """
 
@@ -21,8 +23,9 @@ from collections.abc import Iterable, Mapping
 from moei_lightning.eval.emobench import OVERALL, EmoBenchOutcome
 from moei_lightning.eval.emobench import accuracy_rows as emobench_accuracy_rows
 from moei_lightning.eval.harness import ChoiceOutcome, Results
-from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
-from moei_lightning.eval.scorer import ALL, Row, accuracy, score_rows
+from moei_lightning.eval.report import ALL, STAGE, SUMMARY_COLUMNS, Report, Table, metric_key
+from moei_lightning.eval.scorer import Row, accuracy, pooled_mean, score_rows
+from moei_lightning.eval.suites import CHOICE_METRICS, PRIMARY_METRIC
 from moei_lightning.eval.text_metrics import BLEU_SETTINGS, ROUGE_SETTINGS
 
 _SOURCES = {"eibench": "EiBench JSONL", "gi": "GI JSONL", "mmlu": "MMLU CSV", "emobench": "EmoBench"}
@@ -41,7 +44,8 @@ def build_report(
     summary = Table(
         "Summary",
         SUMMARY_COLUMNS,
-        note="Scores in percent (EQ-Bench: its 0-100 score; inter gate: 0-1). n counts items.",
+        note="Scores in percent (EQ-Bench: its 0-100 score; inter gate: 0-1). n counts items; key: the name "
+        "the score is logged under.",
     )
     report = Report(summary, config=dict(config))
     if limit is not None:
@@ -82,6 +86,7 @@ class _Rows:
     """The scorer's rows of one domain, looked up by (aspect, task, metric)."""
 
     def __init__(self, rows: list[Row], domain: str) -> None:
+        self.domain = domain
         self.rows = [r for r in rows if r["domain"] == domain]
         self._index = {(r["aspect"], r["task"], r["metric"]): r for r in self.rows}
 
@@ -93,56 +98,107 @@ class _Rows:
         row = self._index.get((aspect, task, metric))
         return 0 if row is None else row["n"]
 
+    def key(self, aspect: str, task: str, metric: str) -> str:
+        """The key the row is logged under at ``test``."""
+        return metric_key(STAGE, self.domain, aspect, task, metric)
+
     def aspects(self) -> list[str]:
         return list(dict.fromkeys(r["aspect"] for r in self.rows if r["aspect"] != ALL))
 
     def tasks(self, aspect: str) -> list[str]:
         return list(dict.fromkeys(r["task"] for r in self.rows if r["aspect"] == aspect and r["task"] != ALL))
 
+    def add_domain_rows(self, report: Report, label: str, groups: str) -> None:
+        """The domain's summary rows: its average score, then both accuracies over its choice items."""
+        n_groups = len(self.aspects())
+        report.add(
+            label,
+            "average",
+            self.value(ALL, ALL, "avg"),
+            self.n(ALL, ALL, "avg"),
+            f"size-weighted mean of {n_groups} {groups}",
+            self.key(ALL, ALL, "avg"),
+        )
+        for metric, how in (("acc", "highest summed log-likelihood"), ("acc_norm", "per character")):
+            if self.value(ALL, ALL, metric) is not None:
+                n = self.n(ALL, ALL, metric)
+                report.add(
+                    label,
+                    metric,
+                    self.value(ALL, ALL, metric),
+                    n,
+                    f"{n} choice items, {how}",
+                    self.key(ALL, ALL, metric),
+                )
+
 
 _TEXT = ("bleu4", "rouge_l", "distinct1", "distinct2")
+_CHOICE_NOTE = (
+    "acc: the choice with the highest summed log-likelihood; acc_norm: the highest log-likelihood per character "
+    "(lm-evaluation-harness's two accuracies)."
+)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' * (count != 1)}"
 
 
 def _eibench(rows: list[Row], report: Report) -> None:
     ei = _Rows(rows, "ei")
+    primary = PRIMARY_METRIC["eibench"]
     task_rows: list[list] = []
     for aspect in ei.aspects():
         for task in ei.tasks(aspect):
             if ei.value(aspect, task, "acc") is not None:
-                acc, f1 = ei.value(aspect, task, "acc"), ei.value(aspect, task, "f1")
-                task_rows.append([task, aspect, "choice", ei.n(aspect, task, "acc"), acc, f1, None, None, None, None])
+                accs = [ei.value(aspect, task, m) for m in CHOICE_METRICS]
+                f1 = ei.value(aspect, task, "f1")
+                task_rows.append([task, aspect, "choice", ei.n(aspect, task, "acc"), *accs, f1, None, None, None, None])
             if ei.value(aspect, task, "bleu4") is not None:
                 text = [ei.value(aspect, task, m) for m in _TEXT]
-                task_rows.append([task, aspect, "open", ei.n(aspect, task, "bleu4"), None, None, *text])
+                task_rows.append([task, aspect, "open", ei.n(aspect, task, "bleu4"), None, None, None, *text])
     report.tables["eibench"] = Table(
         "EiBench (EI) tasks",
-        ["task", "aspect", "type", "n", "accuracy", "macro-F1", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2"],
+        ["task", "aspect", "type", "n", "acc", "acc_norm", "macro-F1", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2"],
         task_rows,
-        note=f"Choice tasks: acc_norm. Open tasks: greedy generation; BLEU-4: {BLEU_SETTINGS}; "
-        f"ROUGE-L: {ROUGE_SETTINGS}; Distinct-1/2 over all predictions.",
+        note=f"Choice tasks: {_CHOICE_NOTE} A choice task scores {primary}; macro-F1 of its {primary} answers. "
+        f"Open tasks: greedy generation; BLEU-4: {BLEU_SETTINGS}; ROUGE-L: {ROUGE_SETTINGS}; Distinct-1/2 over "
+        "all predictions.",
     )
     aspect_rows = []
     for aspect in ei.aspects():
         kinds = [row[2] for row in task_rows if row[1] == aspect]
         score = ei.value(aspect, ALL, "score")
+        accs = [ei.value(aspect, ALL, m) for m in CHOICE_METRICS]
         text = [ei.value(aspect, ALL, m) for m in _TEXT]
         n_choice, n_open = ei.n(aspect, ALL, "acc"), ei.n(aspect, ALL, "bleu4")
-        aspect_rows.append([aspect, len(kinds), n_choice, ei.value(aspect, ALL, "acc"), n_open, *text, score])
+        aspect_rows.append([aspect, len(kinds), n_choice, *accs, n_open, *text, score])
         note = ", ".join(
-            f"{kinds.count(k)} {k} task{'s' * (kinds.count(k) != 1)} ({metric})"
-            for k, metric in (("choice", "accuracy"), ("open", "ROUGE-L"))
+            f"{_plural(kinds.count(k), k + ' task')} ({metric})"
+            for k, metric in (("choice", primary), ("open", "ROUGE-L"))
             if k in kinds
         )
-        report.summary.rows.append(["EI", aspect, score, n_choice + n_open, f"mean of {note}"])
-    n_aspects = len(ei.aspects())
-    report.summary.rows.append(
-        ["EI", "average", ei.value(ALL, ALL, "avg"), ei.n(ALL, ALL, "avg"), f"mean of {n_aspects} aspects"]
-    )
+        report.add(
+            "EI", aspect, score, n_choice + n_open, f"size-weighted mean of {note}", ei.key(aspect, ALL, "score")
+        )
+    ei.add_domain_rows(report, "EI", "aspects")
     report.tables["eibench_aspects"] = Table(
         "EiBench (EI) aspects",
-        ["aspect", "tasks", "n choice", "accuracy", "n open", "BLEU-4", "ROUGE-L", "Distinct-1", "Distinct-2", "score"],
+        [
+            "aspect",
+            "tasks",
+            "n choice",
+            "acc",
+            "acc_norm",
+            "n open",
+            "BLEU-4",
+            "ROUGE-L",
+            "Distinct-1",
+            "Distinct-2",
+            "score",
+        ],
         aspect_rows,
-        note="accuracy and text metrics pooled over the aspect's items; score is the mean of its tasks' scores.",
+        note="Every column is the mean of the aspect's task values weighted by their item counts (for accuracy: "
+        f"pooled over the items); score from the tasks' scores ({primary} or ROUGE-L).",
     )
 
 
@@ -155,21 +211,26 @@ def _gi(outcomes: list[ChoiceOutcome], rows: list[Row], report: Report) -> None:
             dimension,
             _SOURCES[sources[(dimension, task)]],
             gi.n(dimension, task, "acc"),
-            gi.value(dimension, task, "acc"),
+            *[gi.value(dimension, task, m) for m in CHOICE_METRICS],
+            PRIMARY_METRIC[sources[(dimension, task)]],
         ]
         for dimension in gi.aspects()
         for task in gi.tasks(dimension)
     ]
-    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], table, note="acc_norm.")
-    for dimension in gi.aspects():
-        count = len(gi.tasks(dimension))
-        tasks = f"{count} task{'s' * (count != 1)}"
-        score, n = gi.value(dimension, ALL, "score"), gi.n(dimension, ALL, "score")
-        report.summary.rows.append(["GI", dimension, score, n, f"mean of {tasks} (accuracy)"])
-    n_dimensions = len(gi.aspects())
-    report.summary.rows.append(
-        ["GI", "average", gi.value(ALL, ALL, "avg"), len(outcomes), f"mean of {n_dimensions} dimensions"]
+    report.tables["gi"] = Table(
+        "GI tasks",
+        ["task", "dimension", "source", "n", "acc", "acc_norm", "score"],
+        table,
+        note=f"{_CHOICE_NOTE} score: the accuracy the task scores with, as lm-evaluation-harness reads its kind of "
+        "task (MMLU: acc).",
     )
+    for dimension in gi.aspects():
+        tasks = gi.tasks(dimension)
+        metrics = "/".join(dict.fromkeys(PRIMARY_METRIC[sources[(dimension, t)]] for t in tasks))
+        score, n = gi.value(dimension, ALL, "score"), gi.n(dimension, ALL, "score")
+        note = f"size-weighted mean of {_plural(len(tasks), 'task')} ({metrics})"
+        report.add("GI", dimension, score, n, note, gi.key(dimension, ALL, "score"))
+    gi.add_domain_rows(report, "GI", "dimensions")
 
 
 def _eqbench(results: Results, report: Report) -> None:
@@ -180,10 +241,10 @@ def _eqbench(results: Results, report: Report) -> None:
     mode = result.mode.replace("_", "-")
     parse_note = f"{result.parseable} of {asked} parseable ({result.chosen_pass.replace('_', ' ')}, {mode} mode)"
     failed = " FAILED: under 83.33% parseable, the reference harness records no score" if result.failed else ""
-    report.summary.rows.append(
-        [name, "score", None if result.failed else result.benchmark_score, asked, f"{parse_note}; {coverage}{failed}"]
+    report.add(
+        name, "score", None if result.failed else result.benchmark_score, asked, f"{parse_note}; {coverage}{failed}"
     )
-    report.summary.rows.append([name, "parseable", result.parseable, asked, parse_note])
+    report.add(name, "parseable", result.parseable, asked, parse_note)
     unparseable = list(result.unparseable_ids)
     shown = ", ".join(unparseable[:30]) + (f", ... ({len(unparseable)} in all)" if len(unparseable) > 30 else "")
     retried = sum(n > 1 for n in outcome.attempts.values())
@@ -218,21 +279,25 @@ def _eqbench(results: Results, report: Report) -> None:
 
 def _emobench(outcomes: list[EmoBenchOutcome], protocol: str, report: Report) -> None:
     rows = emobench_accuracy_rows(outcomes)
-    how = (
-        "letter answers parsed from greedy replies to the reference prompts (unparseable = wrong)"
-        if protocol == "generate"
-        else "each question by log-likelihood (acc_norm), not the published protocol"
-    )
+    if protocol == "generate":
+        how = "letter answers parsed from greedy replies to the reference prompts (unparseable = wrong)"
+        columns, table = ["task", "language", "category", "n", "accuracy"], [list(row) for row in rows]
+    else:
+        primary = PRIMARY_METRIC["emobench"]
+        how = f"each question by log-likelihood, not the published protocol; {_CHOICE_NOTE} Summary: {primary}"
+        by_metric = [emobench_accuracy_rows(outcomes, metric) for metric in CHOICE_METRICS]
+        columns = ["task", "language", "category", "n", *CHOICE_METRICS]
+        table = [[*row[:4], *(scored[i][4] for scored in by_metric)] for i, row in enumerate(rows)]
     report.tables["emobench"] = Table(
         "EmoBench",
-        ["task", "language", "category", "n", "accuracy"],
-        [list(row) for row in rows],
+        columns,
+        table,
         note=f"As the reference reports it: per language, per category and Overall; EU is right only when "
         f"emotion and cause both are. Protocol {protocol}: {how}.",
     )
     for task, language, category, n, acc in rows:
         if category == OVERALL:
-            report.summary.rows.append(["EmoBench", f"{task} {language}", acc, n, f"Overall, {protocol}"])
+            report.add("EmoBench", f"{task} {language}", acc, n, f"Overall, {protocol}")
 
 
 def _emotion_prompt(
@@ -245,33 +310,50 @@ def _emotion_prompt(
     by_stimulus: dict[str, list[ChoiceOutcome]] = defaultdict(list)
     for outcome in variants:
         by_stimulus[outcome.item.variant].append(outcome)
-    plain_accuracy, plain_gate = accuracy(plain), mean(o.gate for o in plain)
-    rows = [["none", "(plain prompts)", len(plain), plain_accuracy, None, plain_gate, None]]
-    accuracies, gates = [], []
+    plain_accuracy = {metric: accuracy(plain, metric) for metric in CHOICE_METRICS}
+    plain_gate = mean(o.gate for o in plain)
+    rows = [["none", "(plain prompts)", len(plain), *plain_accuracy.values(), None, None, plain_gate, None]]
+    accuracies: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    gates = []
     for stimulus_id, text in stimuli.items():
         group = by_stimulus[stimulus_id]
-        acc, gate = accuracy(group), mean(o.gate for o in group)
-        accuracies.append(acc)
+        acc = {metric: accuracy(group, metric) for metric in CHOICE_METRICS}
+        gate = mean(o.gate for o in group)
+        for metric, value in acc.items():
+            accuracies[metric].append((value, len(group)))
         gates.append(gate)
-        rows.append([stimulus_id, text, len(group), acc, acc - plain_accuracy, gate, _difference(gate, plain_gate)])
+        changes = [acc[m] - plain_accuracy[m] for m in CHOICE_METRICS]
+        rows.append([stimulus_id, text, len(group), *acc.values(), *changes, gate, _difference(gate, plain_gate)])
     report.tables["emotion_prompt"] = Table(
         "EmotionPrompt probe (GI with emotional stimuli)",
-        ["stimulus", "text", "n", "GI accuracy", "change", "inter gate", "gate change"],
+        [
+            "stimulus",
+            "text",
+            "n",
+            "GI acc",
+            "GI acc_norm",
+            "change acc",
+            "change acc_norm",
+            "inter gate",
+            "gate change",
+        ],
         rows,
         note="Each stimulus appended to the instruction of every GI item; change is against the plain prompts. "
-        "Inter gate: mean over the prompt's real tokens and the adapted layers (0 backbone, 1 adapters).",
+        f"{_CHOICE_NOTE} Inter gate: mean over the prompt's real tokens and the adapted layers (0 backbone, "
+        "1 adapters).",
     )
     n, k = len(plain), len(stimuli)
-    stimulus_accuracy, stimulus_gate = mean(accuracies), mean(gates)
+    stimulus_gate = mean(gates)
     gate_note = gate_note if plain_gate is not None else _NO_ADAPTERS
-    report.summary.rows += [
-        ["EmotionPrompt", "GI accuracy (plain)", plain_accuracy, n, "all GI items"],
-        ["EmotionPrompt", "GI accuracy (stimuli)", stimulus_accuracy, n * k, f"mean over {k} stimuli"],
-        ["EmotionPrompt", "GI accuracy change", stimulus_accuracy - plain_accuracy, n * k, "percentage points"],
-        ["EmotionPrompt", "inter gate (plain)", plain_gate, n, gate_note],
-        ["EmotionPrompt", "inter gate (stimuli)", stimulus_gate, n * k, gate_note or f"mean over {k} stimuli"],
-        ["EmotionPrompt", "inter gate change", _difference(stimulus_gate, plain_gate), n * k, gate_note],
-    ]
+    for metric in CHOICE_METRICS:
+        stimulus_accuracy = pooled_mean(accuracies[metric])
+        report.add("EmotionPrompt", f"GI {metric} (plain)", plain_accuracy[metric], n, "all GI items")
+        report.add("EmotionPrompt", f"GI {metric} (stimuli)", stimulus_accuracy, n * k, f"over {k} stimuli")
+        change = stimulus_accuracy - plain_accuracy[metric]
+        report.add("EmotionPrompt", f"GI {metric} change", change, n * k, "percentage points")
+    report.add("EmotionPrompt", "inter gate (plain)", plain_gate, n, gate_note)
+    report.add("EmotionPrompt", "inter gate (stimuli)", stimulus_gate, n * k, gate_note or f"mean over {k} stimuli")
+    report.add("EmotionPrompt", "inter gate change", _difference(stimulus_gate, plain_gate), n * k, gate_note)
 
 
 def _gate_note(config: Mapping[str, object]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from moei_lightning.eval.emotion_prompt import check_stimuli
 from moei_lightning.eval.eqbench import DEFAULT_MODE, MODES, SAMPLINGS, SYSTEM_MESSAGES, results_file
 from moei_lightning.eval.harness import Harness, Results, Settings
 from moei_lightning.eval.progress import SuiteProgress
-from moei_lightning.eval.report import Report, Table
-from moei_lightning.eval.scorer import score_rows
+from moei_lightning.eval.report import STAGE, Report, Table
+from moei_lightning.eval.scorer import row_key, score_rows
 from moei_lightning.eval.suites import (
+    CHOICE_METRICS,
     SuiteInputs,
     check_suites,
     eibench_items,
@@ -201,8 +202,10 @@ class PaperEvaluation(Callback):
         with trainer.precision_plugin.test_step_context(), root_parameters_gathered(trainer.strategy.model):
             progress = SuiteProgress(trainer, len(self.names))
             results = harness.run(self.inputs, self.settings, progress)
-        if self.scores_ei_gi:  # the same rows as the report's EI/GI tables, logged as test/ei/..., test/gi/...
-            log_rows("test", score_rows(results.eibench + results.gi, results.eibench_open), trainer, pl_module)
+        # The same rows as the report's EI/GI tables, logged under the report's keys: test/ei/..., test/gi/...
+        rows = score_rows(results.eibench + results.gi, results.eibench_open) if self.scores_ei_gi else []
+        if rows:
+            log_rows(STAGE, rows, trainer, pl_module)
         if not trainer.is_global_zero:
             return
         config = self.run_config(trainer, pl_module)
@@ -210,9 +213,10 @@ class PaperEvaluation(Callback):
         run_dir = Path(trainer.default_root_dir)
         _, md_path = self.report.write(run_dir)
         write_outputs(results, run_dir)
+        logged = {row_key(STAGE, row) for row in rows}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                log_to_wandb(logger, self.report)
+                log_to_wandb(logger, self.report, logged)
         rank_zero_info(f"Evaluation report: {md_path}\n\n{self.report.summary.to_markdown()}")
 
     def run_config(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -273,8 +277,27 @@ class PaperEvaluation(Callback):
 
 
 def write_outputs(results: Results, run_dir: Path) -> None:
-    """The raw model outputs beside the report: open-task generations, EmoBench replies with their parsed
-    letters, and EQ-Bench replies (re-scorable)."""
+    """The raw model outputs beside the report: every choice item's log-likelihoods and answers, open-task
+    generations, EmoBench replies with their parsed letters, and EQ-Bench replies (re-scorable)."""
+    choice = {"eibench": results.eibench, "gi": results.gi, "emotion_prompt": results.emotion_prompt}
+    if any(choice.values()):
+        with open(run_dir / "choices.jsonl", "w", encoding="utf-8") as f:
+            for suite, outcomes in choice.items():
+                for o in outcomes:
+                    line = {
+                        "suite": suite,
+                        "source": o.item.source,
+                        "id": o.item.record.id,
+                        "task": o.item.task,
+                        "group": o.item.group,
+                        "variant": o.item.variant,
+                        "answer": o.item.answer,
+                        "loglikelihoods": o.scores.logprobs,
+                        "tokens": o.scores.tokens,
+                        "chars": o.scores.chars,
+                        **{metric: int(o.correct(metric)) for metric in CHOICE_METRICS},
+                    }
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
     if results.eibench_open:
         with open(run_dir / "generations.jsonl", "w", encoding="utf-8") as f:
             for outcome in results.eibench_open:
@@ -308,11 +331,14 @@ def write_outputs(results: Results, run_dir: Path) -> None:
         (run_dir / "eqbench_replies.json").write_text(replies + "\n", encoding="utf-8")
 
 
-def log_to_wandb(logger: WandbLogger, report: Report) -> None:
-    """Every table of the report as a W&B table under ``eval/``, and the summary scores as scalars."""
+def log_to_wandb(logger: WandbLogger, report: Report, logged: Collection[str] = ()) -> None:
+    """Every table of the report as a W&B table under ``eval/``, and the summary scores as scalars under their
+    keys (``test/...``), but for the keys in ``logged``, which the module has logged already."""
     for name, table in {"summary": report.summary, **report.tables}.items():
         logger.log_table(key=f"eval/{name}", columns=table.columns, data=wandb_rows(table))
-    logger.log_metrics({f"eval/{key}": value for key, value in report.metrics.items() if value is not None})
+    scalars = {key: value for key, value in report.metrics.items() if value is not None and key not in logged}
+    if scalars:
+        logger.log_metrics(scalars)
 
 
 def wandb_rows(table: Table) -> list[list[Any]]:

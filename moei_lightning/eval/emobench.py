@@ -9,8 +9,8 @@
   inside a ```json fence, else the whole reply as JSON; ``answer_q1``/``answer_q2`` (EU) or ``answer``
   (EA) must equal the gold letter. A reply that does not parse answers nothing, which is wrong.
 - **Protocol ``loglikelihood``** (a named option, not the published protocol): each question is a
-  multiple-choice record scored by log-likelihood (acc_norm), the EU questions asked apart, the
-  cause question without naming any emotion.
+  multiple-choice record scored by log-likelihood (``acc`` and ``acc_norm``, the latter primary), the
+  EU questions asked apart, the cause question without naming any emotion.
 - **Scoring.** An EU scenario is right only when both its answers are; accuracy per language, per
   category (EU: coarse category; EA: category) and over the language (``Overall``), as the
   reference reports it; languages are never pooled. Percent here, where the reference prints 0-1.
@@ -24,7 +24,7 @@ import json
 import re
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moei_lightning.eval.items import ChoiceItem
@@ -125,16 +125,24 @@ class EmoBenchItem:
 
 @dataclass
 class EmoBenchOutcome:
-    """An item with the model's answer letter per question ("" for none) and, when generated, its reply."""
+    """An item with the model's answer letter per question ("" for none) and, when generated, its reply.
+
+    The ``loglikelihood`` protocol keeps the letters of each choice metric in ``by_metric`` (``acc``,
+    ``acc_norm``); ``answers`` are then its primary metric's.
+    """
 
     item: EmoBenchItem
     answers: list[str]
     reply: str | None = None
+    by_metric: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def correct(self) -> bool:
         """Right only when every question is (EU: emotion and cause, as the reference scores it)."""
-        return all(a == q.letter for a, q in zip(self.answers, self.item.questions, strict=True))
+        return self.correct_by(self.answers)
+
+    def correct_by(self, answers: Sequence[str]) -> bool:
+        return all(a == q.letter for a, q in zip(answers, self.item.questions, strict=True))
 
 
 class _Line:
@@ -295,12 +303,16 @@ def loglikelihood_questions(item: EmoBenchItem) -> list[ChoiceItem]:
     ]
 
 
-def accuracy_rows(outcomes: Sequence[EmoBenchOutcome]) -> list[tuple[str, str, str, int, float]]:
-    """``(task, language, category, n, accuracy %)`` per category and ``Overall``, as the reference reports."""
+def accuracy_rows(
+    outcomes: Sequence[EmoBenchOutcome], metric: str | None = None
+) -> list[tuple[str, str, str, int, float]]:
+    """``(task, language, category, n, accuracy %)`` per category and ``Overall``, as the reference reports;
+    ``metric`` picks one of ``by_metric``'s answers (``loglikelihood`` protocol), else ``answers``."""
     groups: dict[tuple[str, str, str], list[bool]] = {}
     for outcome in outcomes:
         item = outcome.item
-        groups.setdefault((item.task, item.language, item.category), []).append(outcome.correct)
-        groups.setdefault((item.task, item.language, OVERALL), []).append(outcome.correct)
+        correct = outcome.correct if metric is None else outcome.correct_by(outcome.by_metric[metric])
+        groups.setdefault((item.task, item.language, item.category), []).append(correct)
+        groups.setdefault((item.task, item.language, OVERALL), []).append(correct)
     order = sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1], k[2] == OVERALL, k[2]))
     return [(*key, len(groups[key]), 100.0 * sum(groups[key]) / len(groups[key])) for key in order]

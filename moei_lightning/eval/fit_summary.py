@@ -2,9 +2,10 @@
 
 :class:`FitSummary` (the ``summary:`` section of every config) scores the held-out multiple-choice
 records of the DataModule's splits when ``fit`` starts and again when it ends: EI accuracy per aspect,
-GI accuracy per dimension (lm-evaluation-harness ``acc_norm``, in percent), the mean inter gate on EI
-and on GI prompts, and the trainable parameter count. It prints the table, writes
-``summary.json`` and ``summary.md`` into the run directory and sends the numbers to the loggers.
+GI accuracy per dimension (lm-evaluation-harness's ``acc`` and ``acc_norm``, in percent), the mean
+inter gate on EI and on GI prompts, and the trainable parameter count. It prints the table, writes
+``summary.json`` and ``summary.md`` into the run directory and sends the numbers to the loggers under
+``summary/<split>/<before|after|change>/<domain>[/<aspect>]/<acc|acc_norm>``.
 ``benchmarks/both_matter.py`` reads the same file.
 """
 
@@ -20,22 +21,27 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from moei_lightning.data import EiRecord
 from moei_lightning.eval.harness import Harness, Results
-from moei_lightning.eval.scorer import ALL, record_items, score_rows
+from moei_lightning.eval.report import ALL, metric_key
+from moei_lightning.eval.scorer import record_items, score_rows
+from moei_lightning.eval.suites import CHOICE_METRICS, primary_metric
 from moei_lightning.sharding import root_parameters_gathered
 
-ASPECTS = {"ei": ("perception", "cognition", "expression"), "gi": ("knowledge", "reasoning", "commonsense", "reading")}
+AVG = "avg"
+"""The key of a domain's accuracy over all its aspects."""
+PRIMARY = {"ei": primary_metric("eibench"), "gi": primary_metric("gi")}
+"""The accuracy each domain's records score with: the ``eibench`` and ``gi`` suites'."""
 
 
 def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, Any]:
-    """Accuracy (percent) per EI aspect and GI dimension, their means, and the mean gate per domain.
+    """Accuracy (percent) per EI aspect and GI dimension, their averages, and the mean gate per domain.
 
-    The accuracies come from the one scorer (:func:`~moei_lightning.eval.scorer.score_rows`): an
-    aspect's ``acc`` row, its accuracy pooled over its items (a proportion of ``counts_<domain>``
-    items, so it has a binomial interval), the number validation logs as ``val/<domain>/<aspect>/acc``.
-    ``ei`` and ``gi`` hold one entry per aspect or dimension present plus ``avg``, the mean over them
-    (every aspect weighs the same); ``gate_ei`` / ``gate_gi`` average each prompt's inter gate over
-    adapted layers (None without adapters); ``n_<domain>`` counts the records per domain and
-    ``counts_<domain>`` per aspect or dimension.
+    The accuracies are the one scorer's rows (:func:`~moei_lightning.eval.scorer.score_rows`), the
+    numbers validation logs as ``val/<domain>/<aspect>/<acc|acc_norm>``: ``ei`` and ``gi`` hold, for
+    ``acc`` and ``acc_norm``, one entry per aspect or dimension present plus ``avg``, the size-weighted
+    mean over them, which is the accuracy over all the domain's items. Each is a proportion of
+    ``counts_<domain>`` items, so it has a binomial interval. ``gate_ei`` / ``gate_gi`` average each
+    prompt's inter gate over adapted layers (None without adapters); ``n_<domain>`` counts the records
+    per domain and ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
     outcomes = harness.choices(record_items(choice), "summary", Results())
@@ -47,15 +53,15 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
             gate_values[record.domain].append(gate)
     summary: dict[str, Any] = {}
     for domain in ("ei", "gi"):
-        pooled = [r for r in rows if (r["domain"], r["task"], r["metric"]) == (domain, ALL, "acc")]
-        scores, counts = {r["aspect"]: r["value"] for r in pooled}, {r["aspect"]: r["n"] for r in pooled}
-        groups = sorted(scores, key=lambda a: (ASPECTS[domain] + (a,)).index(a))
-        accuracy: dict[str, float | None] = {group: scores[group] for group in groups}
-        accuracy["avg"] = sum(scores.values()) / len(scores) if scores else None
-        summary[domain] = accuracy
+        mine = [r for r in rows if r["domain"] == domain and r["task"] == ALL]
+        summary[domain] = {
+            metric: {AVG if r["aspect"] == ALL else r["aspect"]: r["value"] for r in mine if r["metric"] == metric}
+            for metric in CHOICE_METRICS
+        }
+        counts = {r["aspect"]: r["n"] for r in mine if r["metric"] == "acc" and r["aspect"] != ALL}
         summary[f"gate_{domain}"] = sum(gate_values[domain]) / len(gate_values[domain]) if gate_values[domain] else None
         summary[f"n_{domain}"] = sum(counts.values())
-        summary[f"counts_{domain}"] = {group: counts[group] for group in groups}
+        summary[f"counts_{domain}"] = counts
     return summary
 
 
@@ -90,6 +96,7 @@ class FitSummary(Callback):
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
         run_dir = Path(trainer.default_root_dir)
         self.summary = {
+            "primary_metric": dict(PRIMARY),
             "splits": {
                 split: {
                     "before": self.before[split],
@@ -120,11 +127,12 @@ class FitSummary(Callback):
         (run_dir / "summary.md").write_text(text)
         print("\n" + text, flush=True)
         metrics = {
-            f"summary/{split}/{domain}/{key}/{when}": value
+            metric_key(f"summary/{split}/{when}", domain, ALL if group == AVG else group, metric): value
             for split, block in self.summary["splits"].items()
             for when in ("before", "after", "change")
             for domain in ("ei", "gi")
-            for key, value in block[when][domain].items()
+            for metric, values in block[when][domain].items()
+            for group, value in values.items()
             if value is not None
         }
         for logger in trainer.loggers:
@@ -154,44 +162,60 @@ def _change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     change: dict[str, Any] = {}
     for domain in ("ei", "gi"):
         change[domain] = {
-            key: None if before[domain].get(key) is None or value is None else value - before[domain][key]
-            for key, value in after[domain].items()
+            metric: {
+                group: _difference(value, before[domain].get(metric, {}).get(group)) for group, value in values.items()
+            }
+            for metric, values in after[domain].items()
         }
         gate = f"gate_{domain}"
-        change[gate] = None if before[gate] is None or after[gate] is None else after[gate] - before[gate]
+        change[gate] = _difference(after[gate], before[gate])
     return change
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def summary_markdown(summary: dict[str, Any], notes: Sequence[str] = ()) -> str:
-    """The summary as a Markdown table per split, then parameters, run directory, checkpoint and ``notes``."""
+    """The summary as a Markdown table per split (primary accuracy, then the other), then parameters, run
+    directory, checkpoint and ``notes``."""
     lines = []
+    primary = summary["primary_metric"]
     for split, block in summary["splits"].items():
         before, after, change = block["before"], block["after"], block["change"]
+        order = sorted(CHOICE_METRICS, key=lambda m: m != primary["ei"])  # EI's primary accuracy first
         lines += [
-            f"## Fit summary: {split} split (multiple choice, acc_norm %; before = {summary['started_from']})",
+            f"## Fit summary: {split} split (multiple choice, %; before = {summary['started_from']})",
             "",
-            "| | before | after | change |",
-            "|---|---:|---:|---:|",
+            f"| | {order[0]} before | after | change | {order[1]} before | after | change |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for domain in ("ei", "gi"):
             n = after[f"n_{domain}"]
-            for key in after[domain]:
-                label = f"{domain.upper()} {'average' if key == 'avg' else key}" + (f" (n={n})" if key == "avg" else "")
-                lines.append(
-                    f"| {label} | {_fmt(before[domain].get(key))} | {_fmt(after[domain][key])} "
-                    f"| {_fmt(change[domain][key], signed=True)} |"
+            for group in after[domain][primary[domain]]:
+                label = f"{domain.upper()} {'average' if group == AVG else group}" + (
+                    f" (n={n})" if group == AVG else ""
                 )
+                cells = [
+                    f"{_fmt(before[domain].get(m, {}).get(group))} | {_fmt(after[domain][m].get(group))} "
+                    f"| {_fmt(change[domain][m].get(group), signed=True)}"
+                    for m in order
+                ]
+                lines.append(f"| {label} | {' | '.join(cells)} |")
         for domain in ("ei", "gi"):
             gate = f"gate_{domain}"
             lines.append(
                 f"| mean gate on {domain.upper()} prompts | {_fmt(before[gate], 3)} | {_fmt(after[gate], 3)} "
-                f"| {_fmt(change[gate], 3, signed=True)} |"
+                f"| {_fmt(change[gate], 3, signed=True)} | | | |"
             )
         lines.append("")
     share = 100.0 * summary["trainable_parameters"] / max(1, summary["total_parameters"])
     lines += [
         f"- adapter: {summary['adapter']}; trainable parameters: {summary['trainable_parameters']:,} "
         f"({share:.2f}% of {summary['total_parameters']:,})",
+        "- acc: the choice with the highest summed log-likelihood; acc_norm: the highest log-likelihood per "
+        "character (lm-evaluation-harness's two accuracies); "
+        + ", ".join(f"{domain.upper()} scores with {metric}" for domain, metric in primary.items()),
         f"- run directory: {summary['run_dir']}",
         f"- checkpoint: {summary['checkpoint'] or 'none saved'}",
         *notes,

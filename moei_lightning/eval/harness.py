@@ -43,7 +43,14 @@ from moei_lightning.eval.scoring import (
     generate_texts,
     group_choices,
 )
-from moei_lightning.eval.suites import EqBenchQuestions, Item, SuiteInputs, from_choice_item
+from moei_lightning.eval.suites import (
+    CHOICE_METRICS,
+    EqBenchQuestions,
+    Item,
+    SuiteInputs,
+    from_choice_item,
+    primary_metric,
+)
 from moei_lightning.molora import RoutingRecorder
 from moei_lightning.sharding import gathered_root
 
@@ -59,9 +66,14 @@ class ChoiceOutcome:
     scores: ChoiceScores
     gate: float | None = None
 
-    @property
-    def correct(self) -> bool:
-        return self.scores.predicted == self.item.answer
+    def predicted(self, metric: str) -> int:
+        """The choice ``metric`` (one of :data:`CHOICE_METRICS`) picks."""
+        if metric not in CHOICE_METRICS:
+            raise ValueError(f"unknown choice metric {metric!r}; use one of {list(CHOICE_METRICS)}")
+        return self.scores.predicted if metric == "acc_norm" else self.scores.predicted_unnormalised
+
+    def correct(self, metric: str) -> bool:
+        return self.predicted(metric) == self.item.answer
 
 
 @dataclass
@@ -216,7 +228,7 @@ class Harness:
         return results
 
     def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
-        """acc_norm scores of every item; truncated prompts are counted in ``results``."""
+        """The choices' log-likelihoods of every item; truncated prompts are counted in ``results``."""
         records = [item.record for item in items]
         examples, report = choice_examples(self.encoder, records)
         results.truncated[suite] += report.truncated
@@ -301,7 +313,7 @@ class Harness:
         self, items: list[EmoBenchItem], protocol: str, max_new_tokens: int, results: Results | None = None
     ) -> list[EmoBenchOutcome]:
         """Answer EmoBench items by ``protocol``: ``generate`` (the reference's prompts, greedy replies parsed for
-        letters) or ``loglikelihood`` (each question as multiple choice, acc_norm)."""
+        letters) or ``loglikelihood`` (each question as multiple choice, by ``acc`` and ``acc_norm``)."""
         if protocol == "generate":
             system = emobench_suite.system_prompt
             prompts = [
@@ -316,7 +328,9 @@ class Harness:
         outcomes, at = [], 0
         for item, qs in zip(items, questions):
             chosen = flat[at : at + len(qs)]
-            outcomes.append(EmoBenchOutcome(item, [emobench_suite.LETTERS[o.scores.predicted] for o in chosen]))
+            letters = {m: [emobench_suite.LETTERS[o.predicted(m)] for o in chosen] for m in CHOICE_METRICS}
+            primary = letters[primary_metric(emobench_suite.SUITE)]
+            outcomes.append(EmoBenchOutcome(item, primary, by_metric=letters))
             at += len(qs)
         return outcomes
 

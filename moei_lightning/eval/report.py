@@ -2,8 +2,12 @@
 
 ``report.json`` is for programs (``python -m moei_lightning.eval.compare`` reads it back);
 ``report.md`` is for people. Both hold the same numbers: a summary table (one row per EI aspect, GI
-dimension, benchmark score and average), one table per suite with its tasks, free-text notes
-(unparseable replies, truncated prompts) and the run's configuration.
+dimension, benchmark score and average, each with the key it is logged under), one table per suite
+with its tasks, free-text notes (unparseable replies, truncated prompts) and the run's configuration.
+
+:func:`metric_key` is the one naming of every number a run logs: validation and test rows
+(``val/ei/perception/acc``, ``test/ei/avg``), the report's summary scores (``test/eq_bench_v2/score``)
+and the fit summary (``summary/val/after/ei/acc_norm``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,20 @@ from typing import Any
 
 Value = str | int | float | None
 
-SUMMARY_COLUMNS = ["suite", "measure", "score", "n", "note"]
+SUMMARY_COLUMNS = ["suite", "measure", "score", "n", "note", "key"]
+STAGE = "test"
+"""The stage a report's numbers are logged under: ``test`` runs the evaluation."""
+ALL = "all"
+"""The task or aspect of an aggregate row: left out of its key."""
+
+
+def metric_key(stage: str, *parts: str) -> str:
+    """The key a number is logged under: ``<stage>/<part>/...`` without the :data:`ALL` parts.
+
+    ``metric_key("val", "ei", "perception", ALL, "acc")`` is ``val/ei/perception/acc``;
+    ``metric_key("test", "ei", ALL, ALL, "avg")`` is ``test/ei/avg``.
+    """
+    return "/".join([stage, *(part for part in parts if part != ALL)])
 
 
 @dataclass
@@ -48,8 +65,14 @@ class Report:
 
     @property
     def metrics(self) -> dict[str, float | None]:
-        """The same scores under snake_case keys (``ei/perception``, ``eq_bench_v2/score``), as logged to W&B."""
-        return {metric_name(key): value for key, value in self.scores.items()}
+        """The same scores under the keys they are logged under (``test/ei/perception/score``, ``test/ei/avg``,
+        ``test/eq_bench_v2/score``)."""
+        return {row[5]: row[2] for row in self.summary.rows}
+
+    def add(self, suite: str, measure: str, score: Value, n: Value, note: str, key: str | None = None) -> None:
+        """One summary row; ``key`` defaults to ``test/<suite>/<measure>`` in snake_case."""
+        key = key or metric_key(STAGE, metric_name(suite), metric_name(measure))
+        self.summary.rows.append([suite, measure, score, n, note, key])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,9 +128,9 @@ def load_report(path: str | Path) -> Report:
 
 
 def metric_name(label: str) -> str:
-    """A table label as a snake_case metric key.
+    """A table label as a snake_case key part.
 
-    ``EmotionPrompt/GI accuracy (plain)`` -> ``emotionprompt/gi_accuracy_plain``.
+    ``EmotionPrompt/GI acc (plain)`` -> ``emotionprompt/gi_acc_plain``.
     """
     return "/".join(re.sub(r"[^0-9a-z]+", "_", part.lower()).strip("_") for part in label.split("/"))
 

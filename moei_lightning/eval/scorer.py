@@ -4,41 +4,57 @@ Validation metrics (:class:`~moei_lightning.callbacks.EiMetricsCallback`), the `
 (:class:`~moei_lightning.eval.callback.PaperEvaluation`) and the report all take their EI/GI numbers
 from :func:`score_rows`, so one run shows one set of numbers wherever it is read.
 
-- Choice records: ``acc`` (the acc_norm answer, :mod:`moei_lightning.eval.scoring`); EI tasks also get
-  ``f1``, macro-F1 over the labels that occur among the task's answers and predictions (as
-  scikit-learn's ``f1_score(average="macro")``). GI choices are per-question answers: accuracy only.
-- Open records: BLEU-4, ROUGE-1/2/L and Distinct-1/2 (:mod:`moei_lightning.eval.text_metrics`),
-  per task and pooled per aspect.
-- A task's ``score`` is its accuracy (choice) or ROUGE-L (open). An aspect (EI) or dimension (GI)
-  gets ``acc`` and text metrics pooled over its items, ``f1`` as the mean of its tasks' F1, and
-  ``score`` as the mean of its tasks' scores, so one large task does not drown the others. A
-  domain's ``avg`` is the mean of its aspects' scores. ``n`` counts items.
+- Choice records: ``acc`` (the choice with the highest summed log-likelihood) and ``acc_norm`` (per
+  character), as lm-evaluation-harness computes them (:mod:`moei_lightning.eval.scoring`); EI tasks
+  also get ``f1``, macro-F1 of the primary metric's answers over the labels that occur among the
+  task's answers and predictions (as scikit-learn's ``f1_score(average="macro")``). GI choices are
+  per-question answers: accuracy only.
+- Open records: BLEU-4, ROUGE-1/2/L and Distinct-1/2 (:mod:`moei_lightning.eval.text_metrics`).
+- A task's score is its suite's primary accuracy (:data:`PRIMARY_METRIC`; choice) or its ROUGE-L (open).
+- One averaging rule (:func:`pooled_mean`): an aspect (EI) or dimension (GI) gets every metric of its
+  tasks, and its ``score``, as the mean of its tasks' values weighted by their item counts; a domain
+  gets the same over its aspects, its ``avg`` from their scores. For accuracy this is the accuracy
+  pooled over the items. ``n`` counts items.
 
 Rows are ``{"domain", "aspect", "task", "metric", "value", "n"}``; ``all`` marks aggregates.
-:func:`metric_key` names a row for loggers: ``val/ei/perception/acc``, ``test/gi/avg``.
+:func:`row_key` names a row for loggers: ``val/ei/perception/acc``, ``test/gi/avg``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, EiRecord, Encoder
 from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import ChoiceOutcome, Harness, OpenOutcome, Results
-from moei_lightning.eval.suites import Item, record_language
+from moei_lightning.eval.report import ALL, metric_key
+from moei_lightning.eval.suites import CHOICE_METRICS, Item, primary_metric, record_language
 from moei_lightning.eval.text_metrics import GENERATION_KEYS, score_generations
 
-ALL = "all"
 Row = dict[str, Any]
 _ORDER = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
 
 
-def accuracy(outcomes: Sequence[ChoiceOutcome]) -> float:
-    """Percent of outcomes whose acc_norm answer is right."""
-    return 100.0 * sum(o.correct for o in outcomes) / len(outcomes)
+def pooled_mean(parts: Iterable[tuple[float, int]]) -> float:
+    """The one averaging rule: the mean of values weighted by their item counts.
+
+    A value per task, aspect or language with the number of items behind it; an accuracy averaged
+    this way is the accuracy pooled over all the items, as lm-evaluation-harness's groups average
+    with ``weight_by_size: true`` (its ``mmlu``). So a task of one item weighs one item.
+    """
+    pairs = list(parts)
+    total = sum(n for _, n in pairs)
+    if total <= 0:
+        raise ValueError(f"pooled_mean: no items among {pairs}")
+    return sum(value * n for value, n in pairs) / total
+
+
+def accuracy(outcomes: Sequence[ChoiceOutcome], metric: str) -> float:
+    """Percent of outcomes whose ``metric`` answer (``acc`` or ``acc_norm``) is right."""
+    return 100.0 * sum(o.correct(metric) for o in outcomes) / len(outcomes)
 
 
 def macro_f1(predicted: Sequence[str], targets: Sequence[str]) -> float:
@@ -70,17 +86,19 @@ def _generation(outcomes: Sequence[OpenOutcome]) -> dict[str, float]:
     by_language: dict[str, list[OpenOutcome]] = defaultdict(list)
     for outcome in outcomes:
         by_language[outcome.item.language].append(outcome)
-    total = dict.fromkeys(GENERATION_KEYS, 0.0)
-    for language, group in by_language.items():
-        scores = score_generations([o.prediction for o in group], [o.item.record.output for o in group], language)
-        weight = len(group) / len(outcomes)  # 1.0 for one language: its scores exactly
-        for key in GENERATION_KEYS:
-            total[key] += scores[key] * weight
-    return total
+    scored = [
+        (score_generations([o.prediction for o in group], [o.item.record.output for o in group], language), len(group))
+        for language, group in by_language.items()
+    ]
+    return {key: pooled_mean((scores[key], n) for scores, n in scored) for key in GENERATION_KEYS}
 
 
 def score_rows(choice: Sequence[ChoiceOutcome], open_: Sequence[OpenOutcome]) -> list[Row]:
-    """Rows per task, per aspect and per domain of the outcomes given (tasks without items are absent)."""
+    """Rows per task, per aspect and per domain of the outcomes given (tasks without items are absent).
+
+    Every aggregate is :func:`pooled_mean` of the level below: an aspect's metric over its tasks, a
+    domain's over its aspects (its ``score`` is the domain's ``avg``).
+    """
     rows: list[Row] = []
 
     def add(domain: str, aspect: str, task: str, metric: str, value: float, n: int) -> None:
@@ -92,50 +110,44 @@ def score_rows(choice: Sequence[ChoiceOutcome], open_: Sequence[OpenOutcome]) ->
     for outcome in open_:
         tasks[(_domain(outcome.item), outcome.item.group, outcome.item.task)][1].append(outcome)
     aspects = sorted({key[:2] for key in tasks}, key=_aspect_order)
-    domain_scores: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    domains: dict[str, dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     for domain, aspect in aspects:
-        scores, f1s, pooled_choice, pooled_open = [], [], [], []
+        parts: dict[str, list[tuple[float, int]]] = defaultdict(list)  # metric -> (task value, items)
         for task in sorted(t for d, a, t in tasks if (d, a) == (domain, aspect)):
             chosen, generated = tasks[(domain, aspect, task)]
+            values: dict[str, float] = {}
             if chosen:
-                acc = accuracy(chosen)
-                add(domain, aspect, task, "acc", acc, len(chosen))
-                scores.append(acc)
+                primary = primary_metric(chosen[0].item.source)
+                values = {metric: accuracy(chosen, metric) for metric in CHOICE_METRICS}
                 if domain == "ei":
-                    f1 = macro_f1(
-                        [o.item.record.choices[o.scores.predicted] for o in chosen],
+                    values["f1"] = macro_f1(
+                        [o.item.record.choices[o.predicted(primary)] for o in chosen],
                         [o.item.record.output for o in chosen],
                     )
-                    add(domain, aspect, task, "f1", f1, len(chosen))
-                    f1s.append(f1)
+                for metric, value in values.items():
+                    add(domain, aspect, task, metric, value, len(chosen))
+                    parts[metric].append((value, len(chosen)))
+                parts["score"].append((values[primary], len(chosen)))
             if generated:
                 metrics = _generation(generated)
                 for metric in GENERATION_KEYS:
                     add(domain, aspect, task, metric, metrics[metric], len(generated))
-                scores.append(metrics["rouge_l"])
-            pooled_choice += chosen
-            pooled_open += generated
-        n = len(pooled_choice) + len(pooled_open)
-        if pooled_choice:
-            add(domain, aspect, ALL, "acc", accuracy(pooled_choice), len(pooled_choice))
-        if f1s:
-            add(domain, aspect, ALL, "f1", sum(f1s) / len(f1s), len(pooled_choice))
-        if pooled_open:
-            metrics = _generation(pooled_open)
-            for metric in GENERATION_KEYS:
-                add(domain, aspect, ALL, metric, metrics[metric], len(pooled_open))
-        score = sum(scores) / len(scores)
-        add(domain, aspect, ALL, "score", score, n)
-        domain_scores[domain].append((score, n))
-    for domain, scored in domain_scores.items():
-        add(domain, ALL, ALL, "avg", sum(s for s, _ in scored) / len(scored), sum(n for _, n in scored))
+                    parts[metric].append((metrics[metric], len(generated)))
+                parts["score"].append((metrics["rouge_l"], len(generated)))
+        for metric, pairs in parts.items():
+            value, n = pooled_mean(pairs), sum(n for _, n in pairs)
+            add(domain, aspect, ALL, metric, value, n)
+            domains[domain][metric].append((value, n))
+    for domain, parts in domains.items():
+        for metric, pairs in sorted(parts.items(), key=lambda kv: kv[0] == "score"):
+            add(domain, ALL, ALL, "avg" if metric == "score" else metric, pooled_mean(pairs), sum(n for _, n in pairs))
     return rows
 
 
-def metric_key(stage: str, row: Row) -> str:
-    """The logger key of a row: ``val/ei/perception/acc``, ``val/ei/perception/<task>/f1``, ``val/gi/avg``."""
-    parts = [stage, row["domain"], row["aspect"], row["task"], row["metric"]]
-    return "/".join(p for p in parts if p != ALL)
+def row_key(stage: str, row: Row) -> str:
+    """The logger key of a row (:func:`~moei_lightning.eval.report.metric_key`): ``val/ei/perception/acc``,
+    ``val/ei/perception/<task>/f1``, ``val/gi/avg``."""
+    return metric_key(stage, row["domain"], row["aspect"], row["task"], row["metric"])
 
 
 def record_items(records: Sequence[EiRecord]) -> list[Item]:

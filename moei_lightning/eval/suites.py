@@ -34,6 +34,23 @@ from moei_lightning.eval.items import ChoiceItem
 from moei_lightning.eval.mmlu import load_mmlu_csv
 
 SUITES: tuple[str, ...] = ("eibench", "gi", "eqbench", "emobench", "emotion_prompt")
+CHOICE_METRICS: tuple[str, ...] = ("acc", "acc_norm")
+"""lm-evaluation-harness's multiple-choice accuracies, both reported for every choice item: ``acc`` takes the
+choice with the highest summed log-likelihood, ``acc_norm`` the highest log-likelihood per character."""
+PRIMARY_METRIC: dict[str, str] = {"eibench": "acc_norm", "gi": "acc_norm", "mmlu": "acc", "emobench": "acc_norm"}
+"""The accuracy a choice task of each item source scores with (its ``score``). lm-evaluation-harness reports
+both for tasks whose continuation is the option text (arc, hellaswag), and the leaderboards built on it read
+those by ``acc_norm``; its MMLU groups (``mmlu``, ``mmlu_continuation``, whose continuation is the option
+text as here) aggregate ``acc``."""
+
+
+def primary_metric(source: str) -> str:
+    """:data:`PRIMARY_METRIC` of an item source; a source without an entry is an error."""
+    if source not in PRIMARY_METRIC:
+        raise ValueError(f"no primary choice metric for item source {source!r}; add it to PRIMARY_METRIC")
+    return PRIMARY_METRIC[source]
+
+
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
 
