@@ -7,7 +7,7 @@
 
 Every variant greedily continues the same prompts by exactly ``--new-tokens`` tokens (EOS is off),
 with the key/value cache, through the project's generation path,
-:func:`moei_lightning.eval.scoring.generate_texts` (what ``predict``, validation with
+:func:`moei_lightning.runner.generate_texts` (what ``predict``, validation with
 ``generate_in_eval`` and ``python -m moei_lightning generate`` call). Variants, each on its own copy
 of one random-init LLaMA of the chosen width:
 
@@ -42,9 +42,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from moei_lightning.architectures import PUBLISHED
 from moei_lightning.backbone import BackboneConfig
-from moei_lightning.eval.scoring import generate_texts
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
+from moei_lightning.runner import generate_texts
 
 SHAPES: dict[str, dict[str, int]] = {
     name: {

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moei_lightning.module import adapter_config, inter_loss
-from moei_lightning.molora import MoLoRAConfig, inject_molora
+from moei_lightning.molora import MoLoRAConfig, inject_molora, routing
 
 SHAPES = {
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000},
@@ -119,10 +119,10 @@ def step_fn(model: LlamaForCausalLM, variant: str, batch: dict[str, torch.Tensor
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def train_step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16), routing(model) as capture:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten())
-            gates = [r for r in model.molora_recorder.records.values() if r.gate is not None]
+            gates = [r for r in capture.records.values() if r.gate is not None]
             if gates:
                 loss = loss + inter_loss(gates, batch["domain"])
         loss.backward()

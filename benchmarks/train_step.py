@@ -52,10 +52,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from moei_lightning.architectures import PUBLISHED
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import IGNORE_INDEX
-from moei_lightning.eval.scoring import sequence_logprobs
 from moei_lightning.module import MoEIModule, masked_mean
 from moei_lightning.molora import MoLoRAConfig
 from moei_lightning.molora.config import Routing
+from moei_lightning.runner import sequence_logprobs
 
 SHAPES: dict[str, dict[str, int]] = {
     "cpu": {"hidden_size": 1024, "intermediate_size": 2752, "num_attention_heads": 16, "vocab_size": 32000},

@@ -23,8 +23,8 @@ from typing import Any, TextIO
 
 from moei_lightning.data import DEFAULT_TEMPLATE, DataError, PromptFormatter
 from moei_lightning.data.records import read_lines
-from moei_lightning.eval.scoring import generate_texts
 from moei_lightning.pretrained import Pretrained, from_pretrained
+from moei_lightning.runner import generate_texts
 
 
 def read_prompts(lines: Iterable[str], source: str) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ registered as lm-eval model ``moei``, so tasks run with lm-eval's own prompts, m
 ``adapters=False`` (``--backbone_only``) evaluates the backbone the adapters were trained on.
 Only the log-likelihood forward is its own: with prompt routing (MoLoRA) each request is routed from
 its context tokens alone, never its continuation, through the project's scorer
-(:func:`~moei_lightning.eval.scoring.routed_logits`), as choice scoring does in training and
+(:func:`~moei_lightning.runner.routed_logits`), as choice scoring does in training and
 evaluation. ``loglikelihood_rolling`` goes through the same forward; generation is HFLM's, passing the
 prompt's attention mask, from which the adapters route as in ``generate``.
 
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from moei_lightning.data import IGNORE_INDEX
-from moei_lightning.eval.scoring import label_logprobs, routed_logits
 from moei_lightning.pretrained import from_pretrained, read_export_info
+from moei_lightning.runner import label_logprobs, routed_logits
 
 try:
     from lm_eval.api.registry import register_model

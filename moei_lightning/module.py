@@ -4,9 +4,10 @@
 
 ``L_inter`` is a binary cross-entropy that pulls the inter gate towards 1 on the real tokens of EI
 examples and towards 0 on GI examples, in every adapted layer; ``L_balance`` is the Switch-style
-load-balancing term on the intra router. Both read the routing recorder that the adapters write to
-during the forward. ``adapter`` selects MoEI (``molora``), the LoRA baseline (``lora``: one expert,
-no inter gate) or full fine-tuning (``full``).
+load-balancing term on the intra router. Both read what routing produced in that forward, captured
+with :func:`moei_lightning.molora.routing` and kept as ``last_routing`` for the routing monitors.
+``adapter`` selects MoEI (``molora``), the LoRA baseline (``lora``: one expert, no inter gate) or full
+fine-tuning (``full``).
 
 Under data parallelism (DDP, FSDP, FSDP2) every logged term stays this rank's own mean, but the
 loss that backward sees is normalised by the token counts of all ranks, so the gradient that DDP
@@ -34,9 +35,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from moei_lightning.backbone import BackboneConfig, backbone_skeleton, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.errors import CheckpointError, ConfigError, TrainingDiverged
-from moei_lightning.eval.distributed import local_map
-from moei_lightning.eval.scoring import generate_texts, sequence_logprobs
-from moei_lightning.molora import MoLoRAConfig, RoutingRecorder, inject_molora, parameter_roles
+from moei_lightning.molora import MoLoRAConfig, RoutingRecord, inject_molora, parameter_roles, routing
+from moei_lightning.ranks import local_map
+from moei_lightning.runner import generate_texts, sequence_logprobs
 from moei_lightning.sharding import gathered_root, shard_model
 from moei_lightning.strategies import clean_name
 
@@ -133,6 +134,8 @@ class MoEIModule(LightningModule):
         self.tokenizer = load_tokenizer(self.backbone_config)
         self.kind = resolve_kind(self.backbone_config)
         self.model: nn.Module | None = None
+        # What routing produced in the latest loss forward, per adapted layer: the routing monitors read it.
+        self.last_routing: dict[str, RoutingRecord] = {}
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint checks them
 
     def configure_model(self) -> None:
@@ -181,10 +184,6 @@ class MoEIModule(LightningModule):
             reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
         )
 
-    @property
-    def recorder(self) -> RoutingRecorder | None:
-        return getattr(self.model, "molora_recorder", None)
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: every trainable tensor (the adapters), never the frozen backbone."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
@@ -202,12 +201,14 @@ class MoEIModule(LightningModule):
         mean over every token of the global batch: the same update as one process with ``W`` times the
         batch. The load-balancing term is a product of means and stays per rank.
         """
-        logprobs, supervised = sequence_logprobs(self.model, batch, self.kind)
+        with routing(self.model) as capture:
+            logprobs, supervised = sequence_logprobs(self.model, batch, self.kind)
+        self.last_routing = capture.records
         token_loss = -logprobs
         is_ei = batch["domain"].bool()[:, None]
         masks = {"lm_ei": supervised & is_ei, "lm_gi": supervised & ~is_ei}
         terms = {name: masked_mean(token_loss, mask) for name, mask in masks.items()}
-        records = list(self.recorder.records.values()) if self.recorder is not None else []
+        records = list(capture.records.values())
         gates = [r for r in records if r.gate_logit is not None and r.gate_logit.numel()]
         self._check_gates(gates)  # a NaN gate would crash the BCE (a device assert on CUDA) with no hint why
         counts = {name: mask.sum() for name, mask in masks.items()}
@@ -256,7 +257,6 @@ class MoEIModule(LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        # Generation first: the loss forward is then the last one, whose routing callbacks read.
         replies = self.generate(batch["prompt"]) if self.generate_in_eval else None
         terms = self.losses(batch)
         if replies is not None:
@@ -349,7 +349,7 @@ class MoEIModule(LightningModule):
         sums = torch.stack([r.gate_logit.detach().float().sum() for r in gates])
         if bool(torch.isfinite(sums).all()):
             return
-        names = {id(record): name for name, record in self.recorder.records.items()}
+        names = {id(record): name for name, record in self.last_routing.items()}
         layer = next(names.get(id(r), "?") for r, total in zip(gates, sums.tolist()) if not math.isfinite(total))
         raise TrainingDiverged(
             f"training diverged at {self._where()}: the inter gate of {layer} is NaN, so loss term 'inter' "

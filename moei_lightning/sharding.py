@@ -98,9 +98,6 @@ def _first_forward_through_root(model: nn.Module) -> None:
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
         model(input_ids=token, attention_mask=torch.ones_like(token), decoder_input_ids=token)
-    recorder = getattr(model, "molora_recorder", None)
-    if recorder is not None:
-        recorder.clear()
 
 
 @contextmanager

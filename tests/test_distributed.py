@@ -345,7 +345,7 @@ def test_activation_checkpointing_counts_routing_once() -> None:
                     param.normal_(std=0.02)
         terms, loss = module.objective(batch)
         loss.backward()
-        assert len(module.recorder.records) == 2 * 2  # q_proj and v_proj in each of the 2 layers, once each
+        assert len(module.last_routing) == 2 * 2  # q_proj and v_proj in each of the 2 layers, once each
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
         active = any(getattr(m, "gradient_checkpointing", False) for m in module.model.modules())
         results.append(({k: v.detach() for k, v in terms.items()}, grads, active))

@@ -8,12 +8,13 @@ import torch
 
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
-from moei_lightning.eval.distributed import merge, shard, sharded_map
 from moei_lightning.eval.emobench import system_prompt, user_prompt
 from moei_lightning.eval.eqbench import question_prompt
 from moei_lightning.eval.harness import Harness, Settings, chat_prompt
 from moei_lightning.eval.suites import SuiteInputs, eibench_items, emobench_items, eqbench_questions, gi_items
 from moei_lightning.module import MoEIModule
+from moei_lightning.ranks import merge, shard, sharded_map
+from moei_lightning.runner import ModelRunner
 from tests.conftest import ThreadWorld
 
 STIMULI = {"EP02": "This is very important to my career.", "EP04": "Are you sure?"}
@@ -40,7 +41,7 @@ def tiny_harness(preset: str, adapter: str = "molora", **kwargs: object) -> Harn
     module.configure_model()
     module.eval()
     encoder = Encoder(module.tokenizer, PromptFormatter(tokenizer=module.tokenizer), module.kind, 256)
-    return Harness(module.model, module.tokenizer, module.kind, encoder, module.recorder, batch_size=3, **kwargs)
+    return Harness(ModelRunner(module.model, module.tokenizer, module.kind, batch_size=3, **kwargs), encoder)
 
 
 def small_inputs() -> SuiteInputs:
@@ -60,7 +61,7 @@ def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: s
     harnesses = [tiny_harness(preset, rank=r, world_size=2, gather=world.gather_for(r)) for r in range(2)]
     calls = [0, 0]
     for rank, harness in enumerate(harnesses):
-        harness.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))
+        harness.runner.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))
     outputs, errors = [None, None], []
 
     def run(rank: int) -> None:
@@ -141,7 +142,7 @@ def test_eqbench_asks_again_as_the_reference_harness_does(shared_data: Path, mon
         calls.append((temperature, ids))
         return [script[qid][len(calls) - 1] for qid in ids]
 
-    monkeypatch.setattr(harness, "generate", generate)
+    monkeypatch.setattr(harness.runner, "generate", generate)
     outcome = harness.eqbench(questions, max_new_tokens=8, mode="revise")
     assert calls == [(0.01, ["1", "2", "3"]), (0.16, ["2", "3"]), (0.31, ["3"])]
     assert outcome.attempts == {"1": 1, "2": 2, "3": 3}
@@ -158,7 +159,7 @@ def test_eqbench_no_revise_prompt_is_sent(shared_data: Path, monkeypatch) -> Non
         sent.extend((p, n, t, unfiltered) for p in batch)
         return ["x"] * len(batch)
 
-    monkeypatch.setattr(harness, "generate", generate)
+    monkeypatch.setattr(harness.runner, "generate", generate)
     outcome = harness.eqbench(questions)
     assert len(sent) == 3  # never parses: three attempts
     # As the harness's Llama-2 instruction template sends it: its system message, then the question.
@@ -186,7 +187,7 @@ def test_eqbench_generation_settings(shared_data: Path, monkeypatch, settings, t
         sent.extend((p, n, unfiltered) for p in batch)
         return ["x"] * len(batch)
 
-    monkeypatch.setattr(harness, "generate", generate)
+    monkeypatch.setattr(harness.runner, "generate", generate)
     harness.eqbench(questions, **settings)
     mode = settings.get("mode", "no_revise")
     expected = chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], mode), system)
@@ -198,14 +199,14 @@ def test_sampling_cut_reaches_generate(monkeypatch, unfiltered: bool, cut: dict)
     """``harness`` sampling sets only the temperature (the model's top-k/top-p stay); ``plain`` turns them off."""
     harness = tiny_harness("tiny-llama")
     seen: dict = {}
-    original = harness.model.generate
+    original = harness.runner.model.generate
 
     def spy(**kwargs: object) -> torch.Tensor:
         seen.update(kwargs)
         return original(**kwargs)
 
-    monkeypatch.setattr(harness.model, "generate", spy)
-    harness.generate(["hello"], 2, 0.01, unfiltered)
+    monkeypatch.setattr(harness.runner.model, "generate", spy)
+    harness.runner.generate(["hello"], 2, 0.01, unfiltered)
     assert (seen["do_sample"], seen["temperature"], seen["max_new_tokens"]) == (True, 0.01, 2)
     assert {key: seen[key] for key in ("top_k", "top_p") if key in seen} == cut
 
@@ -214,7 +215,7 @@ def test_eqbench_system_message_without_a_llama2_template(shared_data: Path, mon
     harness = tiny_harness("tiny-t5")  # no chat template: the system message leads the prompt
     questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
     sent: list[str] = []
-    monkeypatch.setattr(harness, "generate", lambda batch, *args: sent.extend(batch) or ["x"] * len(batch))
+    monkeypatch.setattr(harness.runner, "generate", lambda batch, *args: sent.extend(batch) or ["x"] * len(batch))
     harness.eqbench(questions)
     question = question_prompt(questions.questions["1"], "no_revise")
     assert sent[0] == "You are an expert in emotional analysis.\n" + question
@@ -235,7 +236,7 @@ def test_emobench_both_protocols_on_a_tiny_model(shared_data: Path, monkeypatch)
         sent.extend(batch)
         return ['```json\n{"answer_q1": "A", "answer_q2": "B"}\n```', "no json", '{"answer": "D"}', '{"answer": "A"}']
 
-    monkeypatch.setattr(harness, "generate", generate)
+    monkeypatch.setattr(harness.runner, "generate", generate)
     outcomes = harness.emobench(items, "generate", max_new_tokens=50)
     assert sent[0] == chat_prompt(harness.tokenizer, user_prompt(items[0]), system_prompt("EU", "en"))
     assert "Instructions" in sent[0] and items[0].scenario in sent[0]

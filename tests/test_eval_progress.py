@@ -14,6 +14,7 @@ from moei_lightning.eval.harness import Harness, Settings
 from moei_lightning.eval.progress import SuiteProgress
 from moei_lightning.eval.suites import SuiteInputs, eibench_items, gi_items
 from moei_lightning.module import MoEIModule
+from moei_lightning.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def harness() -> Harness:
     module.configure_model()
     module.eval()
     encoder = Encoder(module.tokenizer, PromptFormatter(tokenizer=module.tokenizer), module.kind, 256)
-    return Harness(module.model, module.tokenizer, module.kind, encoder, module.recorder, batch_size=4)
+    return Harness(ModelRunner(module.model, module.tokenizer, module.kind, batch_size=4), encoder)
 
 
 def inputs() -> SuiteInputs:

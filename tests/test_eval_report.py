@@ -8,6 +8,7 @@ import pytest
 
 from moei_lightning.data import EiRecord
 from moei_lightning.eval.aggregate import build_report
+from moei_lightning.eval.choices import ChoiceScores
 from moei_lightning.eval.compare import main as compare_main
 from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emobench import Question as EmoQuestion
@@ -16,7 +17,6 @@ from moei_lightning.eval.fit_summary import _change, score_records, summary_mark
 from moei_lightning.eval.harness import ChoiceOutcome, EqBenchOutcome, OpenOutcome, Results
 from moei_lightning.eval.report import Report, load_report
 from moei_lightning.eval.scorer import row_key, score_rows
-from moei_lightning.eval.scoring import ChoiceScores
 from moei_lightning.eval.suites import EqBenchQuestions, Item
 
 NAMES = ["eibench", "gi", "eqbench", "emobench", "emotion_prompt"]

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 import moei_lightning
 from moei_lightning.backbone import BackboneConfig, load_backbone
 from moei_lightning.cli import main
-from moei_lightning.eval.scoring import generate_texts
 from moei_lightning.export import export_checkpoint
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
+from moei_lightning.runner import generate_texts
 
 PROMPTS = ["How do you feel today?", "Name the emotion: I lost my keys again!"]
 
@@ -61,7 +61,9 @@ def test_peft_round_trip_has_equal_logits(preset: str, tmp_path: Path) -> None:
     expected = logits(module.model, module.tokenizer, seq2seq)
     loaded = peft.PeftModel.from_pretrained(load_backbone(BackboneConfig(name_or_path=preset)), str(out)).eval()
     torch.testing.assert_close(logits(loaded, module.tokenizer, seq2seq), expected)
-    torch.testing.assert_close(logits(loaded.merge_and_unload(), module.tokenizer, seq2seq), expected)
+    # merging rounds W + BA once in fp32: logits move by ~1e-5, past assert_close's default 1e-5 on some runs
+    merged = logits(loaded.merge_and_unload(), module.tokenizer, seq2seq)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
     # PEFT knows no presets: the recorded base is a local directory its AutoPeftModel loads by itself
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()

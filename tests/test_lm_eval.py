@@ -16,9 +16,10 @@ import moei_lightning  # noqa: E402
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer  # noqa: E402
 from moei_lightning.cli import main  # noqa: E402
 from moei_lightning.data import EiRecord, Encoder, PromptFormatter  # noqa: E402
-from moei_lightning.eval.scoring import choice_loglikelihoods, generate_texts  # noqa: E402
+from moei_lightning.eval.choices import choice_loglikelihoods  # noqa: E402
 from moei_lightning.export import export_checkpoint  # noqa: E402
 from moei_lightning.lm_eval_model import MoEILM  # noqa: E402
+from moei_lightning.runner import generate_texts  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
 
 TASK = "moei_local_mc"

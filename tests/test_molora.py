@@ -9,7 +9,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 
 from moei_lightning.architectures import PUBLISHED
 from moei_lightning.data import IGNORE_INDEX
-from moei_lightning.eval.scoring import sequence_logprobs
 from moei_lightning.module import balance_loss
 from moei_lightning.molora import (
     MoLoRAConfig,
@@ -20,8 +19,10 @@ from moei_lightning.molora import (
     load_adapter,
     molora_layers,
     parameter_roles,
+    routing,
     save_adapter,
 )
+from moei_lightning.runner import sequence_logprobs
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
@@ -155,6 +156,17 @@ def naive_block(block: MoLoRALinear, x: torch.Tensor, mask: torch.Tensor) -> tor
     return block.base_layer(x) + gate * (c.alpha / c.rank) * delta
 
 
+class Masked(nn.Module):
+    """One block as a model whose forward takes an attention mask, as the recorder's hook reads it."""
+
+    def __init__(self, block: MoLoRALinear) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(x)
+
+
 @pytest.mark.parametrize("inter", ["gate", "slot", "none"])
 @pytest.mark.parametrize("top_k", [None, 2])
 @pytest.mark.parametrize("routing", ["token", "prompt"])
@@ -169,9 +181,12 @@ def test_batched_block_equals_naive_expert_loop(inter: str, top_k: int | None, r
     x = torch.randn(3, 7, 20)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, 5:] = 0
-    recorder.masks["decoder"] = mask
-    torch.testing.assert_close(block(x), naive_block(block, x, mask.bool()), rtol=1e-5, atol=1e-5)
-    record = recorder.records["layer"]
+    model = Masked(block)
+    recorder.attach(model, None)
+    with recorder.call() as capture:
+        out = model(x, attention_mask=mask)
+    torch.testing.assert_close(out, naive_block(block, x, mask.bool()), rtol=1e-5, atol=1e-5)
+    record = capture.records["layer"]
     decisions = int(mask.sum()) if routing == "token" else 3  # prompt routing decides once per sequence
     assert record.probs.shape == (decisions, 4)
     torch.testing.assert_close(record.probs.sum(-1), torch.ones(decisions))
@@ -221,33 +236,40 @@ def test_recorder_one_entry_per_layer_without_padding_and_under_checkpointing() 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids, mask = batch()
-    recorder = model.molora_recorder
-    model(input_ids=ids, attention_mask=mask, labels=ids)
-    assert len(recorder.records) == 4
-    for record in recorder.records.values():
+    with routing(model) as capture:
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    records = capture.records
+    assert len(capture.forwards) == 1 and len(records) == 4
+    for record in records.values():
         assert record.gate.shape == (int(mask.sum()),)
         assert torch.equal(torch.bincount(record.example_index), mask.sum(1))
-    gate_loss = torch.stack([r.gate.mean() for r in recorder.records.values()]).sum()
-    gate_loss.backward()  # recomputes the checkpointed blocks
-    assert len(recorder.records) == 4
+    gate_loss = torch.stack([r.gate.mean() for r in records.values()]).sum()
+    gate_loss.backward()  # recomputes the checkpointed blocks, outside the block: same entries, same tokens
+    assert len(records) == 4
     assert all(layer.gate.weight.grad is not None for layer in molora_layers(model).values())
 
 
-def test_recorder_snapshot_and_pause_restore_what_it_held() -> None:
+def test_a_capture_holds_its_own_calls_forwards_whatever_runs_after() -> None:
     model = inject_molora(tiny_llama(), MoLoRAConfig(routing="token"))
-    recorder = model.molora_recorder
     ids, mask = batch()
-    model(input_ids=ids, attention_mask=mask)
-    held = {name: record.gate.clone() for name, record in recorder.records.items()}
-    with recorder.paused():
-        model(input_ids=ids[:1, :3])
-        assert recorder.records == {} and not recorder.enabled
-    with recorder.snapshot():
-        model(input_ids=ids[:1, :3])
-        assert all(r.gate.shape == (3,) for r in recorder.records.values())  # recording inside
-    assert recorder.enabled and recorder.masks["decoder"] is mask
-    assert recorder.records.keys() == held.keys()
-    assert all(torch.equal(recorder.records[name].gate, gate) for name, gate in held.items())
+    with routing(model) as outer:
+        model(input_ids=ids, attention_mask=mask)
+        with routing(model) as inner:
+            model(input_ids=ids[:1, :3])
+    held = {name: record.gate.clone() for name, record in outer.forwards[0].items()}
+    model(input_ids=ids[:1, :2])  # an evaluation forward outside any block: seen by no capture
+    assert len(outer.forwards) == 2 and len(inner.forwards) == 1  # an enclosing block sees nested forwards
+    assert outer.records is inner.records and all(r.gate.shape == (3,) for r in inner.records.values())
+    assert outer.forwards[0].keys() == held.keys()
+    assert all(torch.equal(outer.forwards[0][name].gate, gate) for name, gate in held.items())
+    assert routing_of_plain_model_is_empty()
+
+
+def routing_of_plain_model_is_empty() -> bool:
+    plain = tiny_llama()
+    with routing(plain) as capture:
+        plain(input_ids=torch.tensor([[5, 6]]))
+    return capture.forwards == [] and capture.records == {}
 
 
 @pytest.mark.parametrize("routing", ["token", "prompt"])
@@ -286,8 +308,9 @@ def teacher_forced_gates(model: nn.Module, prompt: torch.Tensor, target: torch.T
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     else:
         batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "labels": target}
-    sequence_logprobs(model, batch, kind)
-    return {name: r.gate.clone() for name, r in model.molora_recorder.records.items()}
+    with routing(model) as capture:
+        sequence_logprobs(model, batch, kind)
+    return {name: r.gate.clone() for name, r in capture.records.items()}
 
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
@@ -302,21 +325,18 @@ def test_prompt_routing_is_the_same_in_training_scoring_and_generation(kind: str
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)
     assert len({round(g.item(), 4) for g in first.values()}) > 1  # layers decide on their own inputs
-    seen: list[dict] = []
-    hook = model.register_forward_hook(
-        lambda *_: seen.append({n: r.gate.clone() for n, r in model.molora_recorder.records.items()})
-    )
     for use_cache in (True, False):
-        seen.clear()
-        model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, use_cache=use_cache
-        )
-        assert len(seen) >= 4
+        with routing(model) as capture:
+            model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, use_cache=use_cache
+            )
+        seen = [{name: record.gate for name, record in step.items()} for step in capture.forwards]
+        decoder_steps = [step for step in seen if any(not name.startswith("encoder.") for name in step)]
+        assert len(decoder_steps) >= 4
+        assert len(seen) == len(decoder_steps) + (kind == "seq2seq")  # an encoder-decoder's encoder runs once
         for step in seen:  # every decoding step, cached or not, routes as the prompt did
-            assert any(not name.startswith("encoder.") for name in step)
-            for name in step:  # the encoder runs once per generate call, the decoder every step
+            for name in step:
                 torch.testing.assert_close(step[name], first[name], rtol=0, atol=1e-5)
-    hook.remove()
 
 
 def test_sequence_is_read_as_prompt_routing() -> None:
@@ -329,10 +349,10 @@ def test_router_math_runs_in_fp32_under_bf16_autocast() -> None:
     model = inject_molora(tiny_llama(), MoLoRAConfig())
     randomize_adapters(model)
     ids, mask = batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), routing(model) as capture:
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert logits.dtype == torch.bfloat16
-    for record in model.molora_recorder.records.values():
+    for record in capture.records.values():
         assert record.gate.dtype == record.probs.dtype == torch.float32
 
 
@@ -372,8 +392,9 @@ def test_plain_lora_does_no_routing_work_and_records_weight_one_when_read() -> N
     ids = torch.randint(3, 100, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    model(input_ids=ids, attention_mask=mask)
-    records = model.molora_recorder.records
+    with routing(model) as capture:
+        model(input_ids=ids, attention_mask=mask)
+    records = capture.records
     assert len(records) == 4
     record = next(iter(records.values()))
     assert "probs" not in vars(record) and record.num_experts == 1  # nothing was built in the forward

@@ -7,7 +7,7 @@ import torch
 
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
 from moei_lightning.data import EiRecord, Encoder, PromptFormatter
-from moei_lightning.eval.scoring import (
+from moei_lightning.eval.choices import (
     ChoiceScores,
     choice_examples,
     choice_loglikelihoods,

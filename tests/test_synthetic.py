@@ -12,7 +12,7 @@ from moei_lightning import backbone
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, Encoder, PromptFormatter, load_records
 from moei_lightning.data.synthetic import EI_TASKS, SYNTHETIC_DIR, gi_corpus, write_splits
-from moei_lightning.eval.scoring import choice_loglikelihoods
+from moei_lightning.eval.choices import choice_loglikelihoods
 from moei_lightning.presets.build_tiny_gi import build
 
 SPLITS = [(domain, split) for domain in ("ei", "gi") for split in ("train", "val", "test")]

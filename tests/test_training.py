@@ -88,7 +88,7 @@ def test_gate_loss_balances_classes_and_counts_one_decision_per_prompt() -> None
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     terms = module.losses(batch)
-    gates = [r.gate for r in module.recorder.records.values()]
+    gates = [r.gate for r in module.last_routing.values()]
     assert all(g.shape == (8,) for g in gates)  # one decision per sequence, not per token
     ei = batch["domain"].bool()
     bce = [torch.nn.functional.binary_cross_entropy(g, ei.float(), reduction="none") for g in gates]

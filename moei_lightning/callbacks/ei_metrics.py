@@ -8,25 +8,23 @@ from the one scorer (:func:`~moei_lightning.eval.scorer.score_rows`), in percent
 through the LightningModule (so checkpoints can monitor them, e.g. ``val/ei/avg``) and appended to
 ``stats/metrics.jsonl`` by rank 0.
 
-The extra forwards run with the routing recorder paused, so it still holds the routing of the
-module's own last forward. When the ``test`` evaluation (the ``eval:`` section) scores the EI/GI
+When the ``test`` evaluation (the ``eval:`` section) scores the EI/GI
 suites itself, this callback leaves the test split to it, and ``test`` reports one set of numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moei_lightning.callbacks.stats_files import METRICS_FILE, append_rows
-from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import Harness, OpenOutcome, Results
 from moei_lightning.eval.scorer import Row, record_items, row_key, score_rows
 from moei_lightning.eval.suites import Item
+from moei_lightning.ranks import Gather, all_gather
 from moei_lightning.sharding import root_parameters_gathered
 
 Split = Literal["val", "test"]
@@ -92,24 +90,21 @@ class EiMetricsCallback(Callback):
         self, pl_module: LightningModule, datamodule: Any, split: str, rank: int, world_size: int, gather: Gather
     ) -> list[Row]:
         """The split's rows: the ranks share the forwards (equal calls each) and all return every row."""
-        runner = Harness.of_module(
+        harness = Harness.of_module(
             pl_module,
             datamodule,
             self.choice_batch_size,
             rank,
             world_size,
-            recorder=None,
             gather=gather,
             generation_batch_size=self.generation_batch_size,
         )
         items = self._items[split]
         choice = [i for i in items if i.answer is not None]
         open_items = [i for i in items if i.answer is None]
-        recorder = getattr(pl_module, "recorder", None)
-        with recorder.paused() if recorder is not None else nullcontext():
-            outcomes = runner.choices(choice, split, Results())
-            prompts = [runner.encoder.formatter.format(i.record) for i in open_items]
-            texts = runner.generate(prompts, self.max_new_tokens or pl_module.max_new_tokens)
+        outcomes = harness.choices(choice, split, Results())
+        prompts = [harness.encoder.formatter.format(i.record) for i in open_items]
+        texts = harness.runner.generate(prompts, self.max_new_tokens or pl_module.max_new_tokens)
         return score_rows(outcomes, [OpenOutcome(i, t) for i, t in zip(open_items, texts)])
 
     def _log(self, split: str, trainer: Trainer, pl_module: LightningModule) -> None:

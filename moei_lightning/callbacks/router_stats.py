@@ -1,16 +1,15 @@
 """RouterStatsCallback: what the inter gate and the intra router do, per adapted layer, while training.
 
-It reads the module's routing recorder after each training, validation and test forward, keeps
+It reads what routing produced in the module's own loss forward (``last_routing``) after each
+training, validation and test batch, keeps
 sums per layer and token group (:mod:`moei_lightning.callbacks.routing`), and every
 ``log_every_n_steps`` optimizer steps (training) or once per evaluation epoch sums them over ranks
 and logs them from rank 0: scalars to every logger, histograms and usage tables to W&B loggers,
 and every row to ``stats/router.jsonl`` in the run directory. The keys are listed in
 ``docs/monitoring.md``.
 
-The recorder holds the routing of the latest forward only. This callback reads it in its batch-end
-hooks, right after the module's own forward; :class:`~moei_lightning.callbacks.EiMetricsCallback`
-runs extra forwards in the same hook and puts the recorder back as it found it, so the two work in
-either order.
+Forwards run by other callbacks (evaluation, metrics) capture their own routing and never touch
+``last_routing``, so the callbacks work in any order.
 """
 
 from __future__ import annotations
@@ -69,11 +68,11 @@ class RouterStatsCallback(Callback):
         self._last_train_log = -1
 
     def _ready(self, pl_module: LightningModule) -> bool:
-        """Learn the layers once; a model without a routing recorder (``adapter: full``) has nothing to show."""
+        """Learn the layers once; a model without MoLoRA layers (``adapter: full``) has nothing to show."""
         if self._layers is not None:
             return bool(self._layers)
         model = getattr(pl_module, "model", None)
-        if getattr(pl_module, "recorder", None) is None or model is None:
+        if model is None or not molora_layers(model):
             rank_zero_warn("router_stats: the model has no MoLoRA adapters (adapter: full?), so no router statistics")
             self._layers = []
             return False
@@ -85,7 +84,7 @@ class RouterStatsCallback(Callback):
         if stage not in self.stages or not self._ready(pl_module):
             return
         membership = group_membership(batch["domain"], batch["aspect"])
-        sums = batch_sums(pl_module.recorder.records, self._layers, membership, self._layout)
+        sums = batch_sums(pl_module.last_routing, self._layers, membership, self._layout)
         previous = self._sums.get(stage)
         self._sums[stage] = sums if previous is None else previous + sums
 

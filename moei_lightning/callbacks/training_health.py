@@ -143,11 +143,10 @@ class TrainingHealth(Callback):
     def _add(self, pl_module: LightningModule, batch: dict[str, Any], loss: torch.Tensor) -> None:
         self._current.loss = self._current.loss + loss.detach().double()
         self._current.steps += 1
-        recorder = getattr(pl_module, "recorder", None)
-        if not self._layers or recorder is None:
+        if not self._layers:
             return
         membership = group_membership(batch["domain"], batch["aspect"])
-        sums = batch_sums(recorder.records, self._layers, membership, self._layout).sum(0)
+        sums = batch_sums(pl_module.last_routing, self._layers, membership, self._layout).sum(0)
         gate = sums[[_EI, _GI]][:, [GATE, COUNT]].reshape(-1)
         self._current.gate = torch.as_tensor(self._current.gate, dtype=torch.float64, device=gate.device) + gate
 

@@ -143,7 +143,6 @@ class FitSummary(Callback):
         harness = Harness.of_module(pl_module, data, self.batch_size, trainer.global_rank, trainer.world_size)
         was_training = pl_module.training
         pl_module.eval()
-        recorder = pl_module.recorder
         try:
             with (
                 torch.no_grad(),
@@ -152,8 +151,6 @@ class FitSummary(Callback):
             ):
                 return {split: score_records(harness, data.records(split)) for split in self.splits}
         finally:
-            if recorder is not None:
-                recorder.clear()
             pl_module.train(was_training)
 
 

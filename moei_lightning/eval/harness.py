@@ -1,24 +1,19 @@
 """Run the loaded suites through one model: choice log-likelihoods, greedy generations, inter-gate readings.
 
-Every model call goes through :func:`~moei_lightning.eval.distributed.sharded_map`, so under DDP or
-FSDP the ranks share the work, make the same number of forward and generate calls, and all end up
-with every result. Nothing here writes files or knows about Lightning; the callback does that.
+Every model call goes through the :class:`~moei_lightning.runner.ModelRunner`, so under DDP or FSDP the
+ranks share the work, make the same number of forward and generate calls, and all end up with every
+result. Nothing here writes files or knows about Lightning; the callback does that.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch import nn
-
-from moei_lightning.data import EiRecord, Encoder, Example
+from moei_lightning.data import EiRecord, Encoder
 from moei_lightning.eval import emobench as emobench_suite
-from moei_lightning.eval.distributed import Gather, all_gather, sharded_map
+from moei_lightning.eval.choices import ChoiceScores, choice_examples, group_choices
 from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emotion_prompt import probe_items
 from moei_lightning.eval.eqbench import (
@@ -35,14 +30,6 @@ from moei_lightning.eval.eqbench import (
     system_message,
 )
 from moei_lightning.eval.progress import SuiteProgress
-from moei_lightning.eval.scoring import (
-    ChoiceScores,
-    choice_examples,
-    encode_prompts,
-    example_loglikelihoods,
-    generate_texts,
-    group_choices,
-)
 from moei_lightning.eval.suites import (
     CHOICE_METRICS,
     EqBenchQuestions,
@@ -51,11 +38,7 @@ from moei_lightning.eval.suites import (
     from_choice_item,
     primary_metric,
 )
-from moei_lightning.molora import RoutingRecorder
-from moei_lightning.sharding import gathered_root
-
-T = TypeVar("T")
-R = TypeVar("R")
+from moei_lightning.runner import ModelRunner
 
 
 @dataclass
@@ -128,59 +111,24 @@ class Settings:
 
 
 class Harness:
-    """One model under evaluation, with the settings every suite shares.
+    """One model under evaluation (its :class:`ModelRunner`), with the records' formatting every suite shares.
 
-    Args:
-        model: the Hugging Face model (with its adapters), already on its device and in eval mode.
-        tokenizer: its tokenizer.
-        kind: ``causal`` or ``seq2seq``.
-        encoder: formats and tokenises records exactly as for training (``data.*`` settings).
-        recorder: the adapters' routing recorder, for inter-gate readings; None without adapters.
-        batch_size: sequences per forward pass (and per generate call, unless ``generation_batch_size`` is set).
-        rank: this process's global rank.
-        world_size: the number of processes sharing the work.
-        gather: collects one object from every rank (tests replace it).
-        generation_batch_size: prompts per generate call; None: ``batch_size``.
+    ``encoder`` formats and tokenises records exactly as for training (``data.*`` settings).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        kind: str,
-        encoder: Encoder,
-        recorder: RoutingRecorder | None = None,
-        batch_size: int = 8,
-        rank: int = 0,
-        world_size: int = 1,
-        gather: Gather = all_gather,
-        generation_batch_size: int | None = None,
-    ) -> None:
-        self.model, self.tokenizer, self.kind, self.encoder = model, tokenizer, kind, encoder
-        self.recorder = recorder
-        self.batch_size = batch_size
-        self.generation_batch_size = generation_batch_size or batch_size
-        self.rank, self.world_size, self.gather = rank, world_size, gather
-        self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    def __init__(self, runner: ModelRunner, encoder: Encoder) -> None:
+        self.runner, self.encoder = runner, encoder
+        self.tokenizer = runner.tokenizer
 
     @classmethod
     def of_module(
         cls, module: Any, datamodule: Any, batch_size: int, rank: int = 0, world_size: int = 1, **kwargs: Any
     ) -> Harness:
-        """The runner for a MoEIModule (``model``, ``tokenizer``, ``kind``, ``recorder``), with its DataModule's
-        prompt settings (``formatter``, ``max_length``), so records are read as training reads them."""
+        """The harness for a MoEIModule (``model``, ``tokenizer``, ``kind``), with its DataModule's prompt settings
+        (``formatter``, ``max_length``), so records are read as training reads them; ``kwargs`` go to the runner."""
         encoder = Encoder(module.tokenizer, datamodule.formatter, module.kind, datamodule.max_length)
-        kwargs.setdefault("recorder", module.recorder)
-        return cls(
-            module.model,
-            module.tokenizer,
-            module.kind,
-            encoder,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            **kwargs,
-        )
+        runner = ModelRunner(module.model, module.tokenizer, module.kind, batch_size, rank, world_size, **kwargs)
+        return cls(runner, encoder)
 
     def run(
         self, inputs: SuiteInputs, settings: Settings | None = None, progress: SuiteProgress | None = None
@@ -195,7 +143,7 @@ class Harness:
             open_items = [item for item in inputs.eibench if item.answer is None]
             results.eibench = self.choices(choice, "eibench", results)
             prompts = [self.encoder.formatter.format(item.record) for item in open_items]
-            predictions = self.generate(prompts, settings.max_new_tokens)
+            predictions = self.runner.generate(prompts, settings.max_new_tokens)
             results.eibench_open = [OpenOutcome(item, text) for item, text in zip(open_items, predictions)]
         if "gi" in inputs.names:
             step("gi", len(inputs.gi))
@@ -233,33 +181,9 @@ class Harness:
         examples, report = choice_examples(self.encoder, records)
         results.truncated[suite] += report.truncated
         results.scored[suite] += len(examples)
-        pairs = self._map(lambda shard: by_length(self._loglikelihoods, shard, _example_length), examples)
+        pairs = self.runner.loglikelihoods(examples)
         scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
         return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
-
-    def generate(
-        self, prompts: list[str], max_new_tokens: int, temperature: float | None = None, unfiltered: bool = True
-    ) -> list[str]:
-        """Greedy (or sampled, with ``unfiltered`` as in :func:`generate_texts`) continuations; ranks step
-        together (``synced_gpus``): a sharded model needs all at each step."""
-
-        def run(shard: list[str]) -> list[str]:
-            # FSDP2: generate() on an encoder-decoder calls the encoder outside the root's forward, so the
-            # root's own weights (shared embedding) are gathered around each call; a no-op otherwise.
-            with gathered_root(self.model):
-                return generate_texts(
-                    self.model,
-                    self.tokenizer,
-                    self.kind,
-                    shard,
-                    max_new_tokens,
-                    self.generation_batch_size,
-                    synced_gpus=self.world_size > 1 and dist.is_initialized(),
-                    temperature=temperature,
-                    unfiltered=unfiltered,
-                )
-
-        return self._map(lambda shard: by_length(run, shard, len), prompts)
 
     def eqbench(
         self,
@@ -295,7 +219,9 @@ class Harness:
         for attempt, temperature in enumerate(attempt_temperatures(), start=1):
             if not pending:
                 break
-            texts = self.generate([prompts[qid] for qid in pending], new_tokens, temperature, sampling == "plain")
+            texts = self.runner.generate(
+                [prompts[qid] for qid in pending], new_tokens, temperature, sampling == "plain"
+            )
             retry = []
             for qid, text in zip(pending, texts):
                 replies[qid], attempts[qid] = text, attempt
@@ -319,7 +245,7 @@ class Harness:
             prompts = [
                 chat_prompt(self.tokenizer, emobench_suite.user_prompt(i), system(i.task, i.language)) for i in items
             ]
-            replies = self.generate(prompts, max_new_tokens)
+            replies = self.runner.generate(prompts, max_new_tokens)
             return [EmoBenchOutcome(i, emobench_suite.parse_reply(r, i.task), r) for i, r in zip(items, replies)]
         if protocol != "loglikelihood":
             raise ValueError(f"EmoBench protocol {protocol!r} is not one of {list(emobench_suite.PROTOCOLS)}")
@@ -336,63 +262,7 @@ class Harness:
 
     def gates(self, records: list[EiRecord]) -> list[float | None]:
         """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""
-        prompts = [self.encoder.formatter.format(record) for record in records]
-        return self._map(lambda shard: by_length(self._prompt_gates, shard, len), prompts)
-
-    def _loglikelihoods(self, examples: list[Example]) -> list[tuple[float, int]]:
-        sums, counts = example_loglikelihoods(self.model, examples, self.kind, self.pad_id, self.batch_size)
-        return list(zip(sums, counts))
-
-    @torch.no_grad()
-    def _prompt_gates(self, prompts: list[str]) -> list[float | None]:
-        device = next(self.model.parameters()).device
-        gates: list[float | None] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            inputs = dict(encode_prompts(self.tokenizer, batch, self.kind).to(device))
-            if self.kind == "seq2seq":  # the prompt is the encoder's input; the decoder sees only its start token
-                start_id = self.model.config.decoder_start_token_id
-                inputs["decoder_input_ids"] = torch.full((len(batch), 1), start_id, device=device)
-            self.model(**inputs, use_cache=False)
-            gates += example_gates(self.recorder, "decoder" if self.kind == "causal" else "encoder", len(batch))
-        return gates
-
-    def _map(self, fn: Callable[[list[T]], list[R]], units: Sequence[T]) -> list[R]:
-        return sharded_map(fn, units, self.rank, self.world_size, self.gather)
-
-
-def by_length(fn: Callable[[list[T]], list[R]], units: list[T], length: Callable[[T], int]) -> list[R]:
-    """``fn`` over ``units`` taken shortest first, so batches pad little; results in the units' own order."""
-    order = sorted(range(len(units)), key=lambda i: length(units[i]))
-    results = fn([units[i] for i in order])
-    ordered: list = [None] * len(units)
-    for i, result in zip(order, results):
-        ordered[i] = result
-    return ordered
-
-
-def _example_length(example: Example) -> int:
-    return len(example.input_ids) + len(example.labels)
-
-
-def example_gates(recorder: RoutingRecorder | None, stream: str, batch: int) -> list[float | None]:
-    """Per example of the last forward: its mean gate over real tokens, averaged over the stream's layers.
-
-    A layer without an inter gate (the ``lora`` baseline, ``inter: none``) applies its adapters to
-    every token, so it counts as gate 1, as in the router statistics; without adapters at all
-    (``adapter: full``) there is no gate to read and every example gets None.
-    """
-    layers = [] if recorder is None else [r for r in recorder.records.values() if r.stream == stream]
-    if not layers:
-        return [None] * batch
-    per_layer = []
-    for record in layers:
-        index = record.example_index
-        gate = torch.ones_like(index, dtype=torch.float32) if record.gate is None else record.gate.float()
-        sums = torch.zeros(batch, device=index.device).index_add_(0, index, gate)
-        counts = torch.zeros(batch, device=index.device).index_add_(0, index, torch.ones_like(gate))
-        per_layer.append(sums / counts.clamp_min(1))
-    return torch.stack(per_layer).mean(0).tolist()
+        return self.runner.gates([self.encoder.formatter.format(record) for record in records])
 
 
 def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:

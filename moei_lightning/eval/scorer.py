@@ -5,7 +5,7 @@ Validation metrics (:class:`~moei_lightning.callbacks.EiMetricsCallback`), the `
 from :func:`score_rows`, so one run shows one set of numbers wherever it is read.
 
 - Choice records: ``acc`` (the choice with the highest summed log-likelihood) and ``acc_norm`` (per
-  character), as lm-evaluation-harness computes them (:mod:`moei_lightning.eval.scoring`); EI tasks
+  character), as lm-evaluation-harness computes them (:mod:`moei_lightning.eval.choices`); EI tasks
   also get ``f1``, macro-F1 of the primary metric's answers over the labels that occur among the
   task's answers and predictions (as scikit-learn's ``f1_score(average="macro")``). GI choices are
   per-question answers: accuracy only.
@@ -24,15 +24,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, EiRecord, Encoder
-from moei_lightning.eval.distributed import Gather, all_gather
 from moei_lightning.eval.harness import ChoiceOutcome, Harness, OpenOutcome, Results
 from moei_lightning.eval.report import ALL, metric_key
 from moei_lightning.eval.suites import CHOICE_METRICS, Item, primary_metric, record_language
 from moei_lightning.eval.text_metrics import GENERATION_KEYS, score_generations
+from moei_lightning.ranks import Gather, all_gather
+from moei_lightning.runner import ModelRunner
 
 Row = dict[str, Any]
 _ORDER = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
@@ -176,34 +176,24 @@ def choice_accuracy_rows(
 ) -> list[Row]:
     """Score multiple-choice records with a module's model and return the :func:`score_rows` rows (percent).
 
-    ``module`` is anything with ``model``, ``tokenizer``, ``kind`` and ``recorder`` (a
+    ``module`` is anything with ``model``, ``tokenizer`` and ``kind`` (a
     :class:`~moei_lightning.module.MoEIModule`); ``encoder`` formats and tokenises the records as in
     training (``Encoder(module.tokenizer, datamodule.formatter, module.kind, datamodule.max_length)``).
-    Rows with ``metric == "acc"`` give accuracy per task and per EI aspect or GI dimension; ``score``
-    and ``avg`` rows give the aspect and domain scores. Records without choices are an error. Under
-    DDP/FSDP every rank must call it with the same records (``rank``, ``world_size`` from the
-    trainer): the ranks share the forwards and all return every row. The routing recorder is left
-    as it was.
+    Rows with ``metric`` ``acc`` and ``acc_norm`` give both accuracies per task, per EI aspect or GI
+    dimension and per domain; ``score`` and ``avg`` rows give the aspect and domain scores. Records
+    without choices are an error. Under DDP/FSDP every rank must call it with the same records
+    (``rank``, ``world_size`` from the trainer): the ranks share the forwards and all return every row.
     """
     plain = [r for r in records if not r.choices]
     if plain:
         raise ValueError(f"choice_accuracy_rows scores multiple choice only; {plain[0].source or plain[0].id} has none")
     harness = Harness(
-        module.model,
-        module.tokenizer,
-        module.kind,
-        encoder,
-        getattr(module, "recorder", None),
-        batch_size,
-        rank,
-        world_size,
-        gather,
+        ModelRunner(module.model, module.tokenizer, module.kind, batch_size, rank, world_size, gather), encoder
     )
-    recorder, training = getattr(module, "recorder", None), module.model.training
+    training = module.model.training
     module.model.eval()  # no adapter dropout while scoring, whatever the caller was doing
     try:
-        with recorder.paused() if recorder is not None else nullcontext():
-            outcomes = harness.choices(record_items(records), "choices", Results())
+        outcomes = harness.choices(record_items(records), "choices", Results())
     finally:
         module.model.train(training)
     return score_rows(outcomes, [])

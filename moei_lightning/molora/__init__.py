@@ -24,12 +24,13 @@ from moei_lightning.molora.io import (
     write_adapter,
 )
 from moei_lightning.molora.layer import MoLoRALinear, ParameterRole
-from moei_lightning.molora.recorder import RoutingRecord, RoutingRecorder
+from moei_lightning.molora.recorder import Capture, RoutingRecord, RoutingRecorder, routing
 
 __all__ = [
     "CONFIG_FILE",
     "DEFAULT_TARGET_MODULES",
     "WEIGHTS_FILE",
+    "Capture",
     "MoLoRAConfig",
     "MoLoRALinear",
     "ParameterRole",
@@ -46,6 +47,7 @@ __all__ = [
     "molora_layers",
     "parameter_roles",
     "read_adapter_config",
+    "routing",
     "save_adapter",
     "to_peft",
     "write_adapter",

@@ -102,7 +102,7 @@ def _generate_from_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mask = kwargs.get("attention_mask")
     if mask is None and isinstance(ids, torch.Tensor):
         mask = torch.ones_like(ids)
-    with self.molora_recorder.prompt(mask):
+    with self.molora_recorder.call(mask):
         return type(self).generate(self, *args, **kwargs)
 
 

@@ -117,7 +117,7 @@ class MoLoRALinear(nn.Module):
         recorder = self.recorder
         if self.config.routing != "prompt" or recorder is None or not recorder.is_incremental(self.stream, seq_len):
             return None
-        decision = recorder.decisions.get(self.name)
+        decision = recorder.decision(self.name)
         if decision is None or decision.weights.shape[0] != sequences:
             return None
         recorder.record(self.name, self.stream, decision.gate_logit, decision.probs, per_sequence=True)
@@ -195,7 +195,7 @@ class MoLoRALinear(nn.Module):
                 prompt = self.config.routing == "prompt"
                 self.recorder.record(self.name, self.stream, gate_logit, expert_probs, per_sequence=prompt)
                 if prompt:
-                    self.recorder.decisions[self.name] = Decision.of(weights, gate_logit, expert_probs)
+                    self.recorder.keep_decision(self.name, Decision.of(weights, gate_logit, expert_probs))
             return weights
 
     def _routing_input(self, tokens: torch.Tensor) -> torch.Tensor:

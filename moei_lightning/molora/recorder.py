@@ -1,15 +1,19 @@
 """The routing side channel: blocks write their gate and expert weights here, never as return values.
 
-A forward pre-hook on the model (and on the encoder of an encoder-decoder model) starts a new
-record set and captures the attention masks, so each entry holds real tokens only. Entries are
-keyed by layer name: a block recomputed under activation checkpointing overwrites its own entry
-with the same values instead of counting twice.
+Routing is a per-call context. A caller that wants what routing produced, or that knows which tokens
+are the prompt, wraps its model call in :func:`routing`: the prompt mask goes in with the call, and
+the records of every forward inside come out in the :class:`Capture` it yields. Nothing else is
+set from outside: a forward pre-hook on the model (and on the encoder of an encoder-decoder model)
+starts a fresh :class:`Forward` with the attention masks, so each record holds real tokens only.
+Records are keyed by layer name: a block recomputed under activation checkpointing overwrites its
+own entry with the same values instead of counting twice, and pools the same prompt tokens, because
+a forward's state lasts until the next forward starts.
 
-Under ``routing: prompt`` a sequence is routed from its prompt tokens only. The recorder knows which
-tokens those are: all real tokens of a forward by default (a prompt on its way to ``generate``, an
-encoder's source), fewer inside :meth:`RoutingRecorder.prompt` (teacher-forced forwards, where the
-target follows the prompt). The decoder of an encoder-decoder model routes from the pooled encoder
-output (:attr:`RoutingRecorder.encoder_summary`), its prompt.
+Under ``routing: prompt`` a sequence is routed from its prompt tokens only: all real tokens of a
+forward by default (a prompt on its way to ``generate``, an encoder's source), fewer when the call
+says so (teacher-forced forwards, where the target follows the prompt). The decoder of an
+encoder-decoder model routes from the pooled encoder output, its prompt. Cached decoding reuses the
+decision the prompt's forward took.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -143,85 +147,95 @@ class LazyRecord(RoutingRecord):
         return self._tokens.device
 
 
+@dataclass
+class Capture:
+    """What routing produced during one :func:`routing` block: each forward's records, in order."""
+
+    forwards: list[dict[str, RoutingRecord]] = field(default_factory=list)
+
+    @property
+    def records(self) -> dict[str, RoutingRecord]:
+        """The last forward's records by layer name (empty when no adapted forward ran)."""
+        return self.forwards[-1] if self.forwards else {}
+
+
+@dataclass
+class Forward:
+    """The routing state of one forward, made by the model's pre-hook and read by the layers.
+
+    ``prompt`` is the (batch, P) mask of the call the forward belongs to; ``decisions`` holds each
+    prompt-routed layer's decision, carried over to the forwards that continue this one's cache.
+    """
+
+    masks: dict[Stream, torch.Tensor | None] = field(default_factory=lambda: {"encoder": None, "decoder": None})
+    prompt: torch.Tensor | None = None
+    continues_cache: bool = False
+    records: dict[str, RoutingRecord] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    tokens: dict[tuple[Stream, int, int], RealTokens] = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    prompt: torch.Tensor | None
+    capture: Capture
+
+
 class RoutingRecorder:
-    """Collects one :class:`RoutingRecord` per adapted layer for the current forward."""
+    """Where the adapted layers of one model record their routing; callers use :func:`routing`, layers the rest."""
 
     def __init__(self) -> None:
-        self.records: dict[str, RoutingRecord] = {}
-        self.masks: dict[Stream, torch.Tensor | None] = {"encoder": None, "decoder": None}
-        self.enabled = True
-        self.continues_cache = False
-        self.prompt_mask: torch.Tensor | None = None
-        self.forward_prompt: torch.Tensor | None = None  # the prompt mask the current forward started with
-        self.decisions: dict[str, Decision] = {}  # per prompt-routed layer, from the last forward that routed
-        self.encoder_summary: torch.Tensor | None = None
-        self._real_tokens: dict[tuple[Stream, int, int], RealTokens] = {}
+        self._forward = Forward()
+        self._calls: list[_Call] = []
+        self._encoder_summary: torch.Tensor | None = None
+        self._in_model = False  # inside the model's own forward (an encoder call within it is part of it)
 
-    def clear(self) -> None:
-        self.records = {}
-        self._real_tokens = {}
+    @contextmanager
+    def call(self, prompt_mask: torch.Tensor | None = None) -> Iterator[Capture]:
+        """Within this block, forwards route from the prompt ``prompt_mask`` marks, and are captured.
+
+        ``prompt_mask`` is (batch, P): the first ``P`` positions of every decoder-stream forward, where
+        true; positions past ``P`` (a target, tokens generated without a cache) are never pooled.
+        ``None`` keeps the enclosing call's mask (every real token outside any call). Every enclosing
+        capture sees the forwards too.
+        """
+        prompt = prompt_mask if prompt_mask is not None or not self._calls else self._calls[-1].prompt
+        capture = Capture()
+        self._calls.append(_Call(prompt, capture))
+        try:
+            yield capture
+        finally:
+            self._calls.pop()
+
+    @property
+    def encoder_summary(self) -> torch.Tensor | None:
+        """The mean encoder output over real source tokens, from the encoder's latest forward."""
+        return self._encoder_summary
 
     def real_tokens(self, stream: Stream, batch: int, length: int, device: torch.device) -> RealTokens:
         """The real tokens of ``stream`` for an input of this shape, shared by the stream's layers."""
-        key = (stream, batch, length)
-        tokens = self._real_tokens.get(key)
-        if tokens is None or tokens.source is not self.masks[stream]:
-            tokens = RealTokens(self.token_mask(stream, batch, length), batch, length, device, self.masks[stream])
-            self._real_tokens[key] = tokens
+        key, forward = (stream, batch, length), self._forward
+        tokens = forward.tokens.get(key)
+        if tokens is None or tokens.source is not forward.masks[stream]:
+            tokens = RealTokens(self.token_mask(stream, batch, length), batch, length, device, forward.masks[stream])
+            forward.tokens[key] = tokens
         return tokens
-
-    @contextmanager
-    def prompt(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Within this block, decoder-stream prompt routing pools only the tokens ``mask`` marks.
-
-        ``mask`` is (batch, P): the first ``P`` positions of every following forward, where true.
-        Positions past ``P`` (a target, tokens generated without a cache) are never pooled. Each
-        forward keeps the mask it started with until the next forward, so blocks that activation
-        checkpointing recomputes during backward, after this block has ended, pool the same tokens.
-        """
-        previous, self.prompt_mask = self.prompt_mask, mask
-        self.forward_prompt = mask
-        try:
-            yield
-        finally:
-            self.prompt_mask = previous
 
     def prompt_token_mask(self, stream: Stream, batch: int, length: int) -> torch.Tensor | None:
         """The (batch, length) bool mask of the prompt's real tokens, or None when every token counts."""
         mask = self.token_mask(stream, batch, length)
-        if stream != "decoder" or self.forward_prompt is None:
+        if stream != "decoder" or self._forward.prompt is None:
             return mask
-        prompt = self.forward_prompt.bool()
+        prompt = self._forward.prompt.bool()
         if prompt.shape[0] != batch:
             raise ValueError(
                 f"the prompt mask covers {prompt.shape[0]} sequences but the forward has {batch}; "
-                "pass recorder.prompt() the mask of this batch"
+                "pass routing() the prompt mask of this batch"
             )
         prompt = F.pad(prompt, (0, max(0, length - prompt.shape[1])))[:, :length].to(
             mask.device if mask is not None else prompt.device
         )
         return prompt if mask is None else mask & prompt
-
-    @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """Run extra forwards (evaluation, metrics) and afterwards hold exactly what was held before:
-        the records, masks, on/off state and prompt-routing state of the step being monitored.
-
-        Every attribute is saved (dicts copied), so state added to the recorder later is kept too.
-        """
-        saved = {key: dict(value) if isinstance(value, dict) else value for key, value in vars(self).items()}
-        try:
-            yield
-        finally:
-            vars(self).clear()
-            vars(self).update(saved)
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Like :meth:`snapshot`, and forwards inside record nothing (cheaper when nobody reads them)."""
-        with self.snapshot():
-            self.enabled = False
-            yield
 
     def token_mask(self, stream: Stream, batch: int, length: int) -> torch.Tensor | None:
         """The (batch, length) bool mask of real tokens for the current input, or None if all are real.
@@ -229,7 +243,7 @@ class RoutingRecorder:
         During cached decoding the mask covers past and new tokens, so its last ``length``
         columns belong to the tokens in this forward.
         """
-        mask = self.masks[stream]
+        mask = self._forward.masks[stream]
         if mask is None:
             return None
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < length:
@@ -242,10 +256,18 @@ class RoutingRecorder:
 
     def is_incremental(self, stream: Stream, length: int) -> bool:
         """True during cached decoding: the forward continues a filled cache, or the mask is longer than it."""
-        if stream == "decoder" and self.continues_cache:
+        if stream == "decoder" and self._forward.continues_cache:
             return True
-        mask = self.masks[stream]
+        mask = self._forward.masks[stream]
         return mask is not None and mask.shape[-1] > length
+
+    def decision(self, name: str) -> Decision | None:
+        """The decision layer ``name`` took on the prompt this forward continues, if any."""
+        return self._forward.decisions.get(name)
+
+    def keep_decision(self, name: str, decision: Decision) -> None:
+        """Keep a prompt-routed layer's decision for the forwards that continue this one's cache."""
+        self._forward.decisions[name] = decision
 
     def record(
         self,
@@ -260,20 +282,15 @@ class RoutingRecorder:
         ``per_sequence`` (prompt routing): the tensors hold one decision per sequence, (batch, 1, .),
         stored once per sequence.
         """
-        if not self.enabled:
-            return
         tokens = self._decisions(stream, probs.shape[0], probs.shape[1], probs.device, per_sequence)
-        self.records[name] = LazyRecord(stream, tokens, gate_logit, probs, probs.shape[-1])
+        self._forward.records[name] = LazyRecord(stream, tokens, gate_logit, probs, probs.shape[-1])
 
     def record_uniform(
         self, name: str, stream: Stream, batch: int, length: int, device: torch.device, per_sequence: bool = False
     ) -> None:
         """Record a layer with one expert and no gate (plain LoRA): weight 1 everywhere, built only if read."""
-        if not self.enabled:
-            return
-        self.records[name] = LazyRecord(
-            stream, self._decisions(stream, batch, length, device, per_sequence), None, None, 1
-        )
+        tokens = self._decisions(stream, batch, length, device, per_sequence)
+        self._forward.records[name] = LazyRecord(stream, tokens, None, None, 1)
 
     def _decisions(
         self, stream: Stream, batch: int, length: int, device: torch.device, per_sequence: bool
@@ -282,8 +299,11 @@ class RoutingRecorder:
         return RealTokens(None, batch, 1, device) if per_sequence else self.real_tokens(stream, batch, length, device)
 
     def attach(self, model: nn.Module, encoder: nn.Module | None) -> list[torch.utils.hooks.RemovableHandle]:
-        """Hook ``model`` (and its encoder) so every forward starts a fresh record with its masks."""
-        handles = [model.register_forward_pre_hook(self._model_hook(model), with_kwargs=True)]
+        """Hook ``model`` (and its encoder) so every forward starts a fresh :class:`Forward` with its masks."""
+        handles = [
+            model.register_forward_pre_hook(self._model_hook(model), with_kwargs=True),
+            model.register_forward_hook(self._model_done, always_call=True),
+        ]
         if encoder is not None:
             handles.append(encoder.register_forward_pre_hook(self._encoder_hook(encoder), with_kwargs=True))
             handles.append(encoder.register_forward_hook(self._summarise_encoder))
@@ -294,11 +314,11 @@ class RoutingRecorder:
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         mask = self.token_mask("encoder", hidden.shape[0], hidden.shape[1])
         if mask is None:
-            self.encoder_summary = hidden.float().mean(1, keepdim=True)
+            self._encoder_summary = hidden.float().mean(1, keepdim=True)
             return
         weights = mask.to(torch.float32).unsqueeze(-1)
         pooled = (hidden.float() * weights).sum(1, keepdim=True)
-        self.encoder_summary = pooled / weights.sum(1, keepdim=True).clamp_min(1)
+        self._encoder_summary = pooled / weights.sum(1, keepdim=True).clamp_min(1)
 
     def _model_hook(self, model: nn.Module) -> Callable[..., None]:
         signature = inspect.signature(model.forward)
@@ -306,26 +326,55 @@ class RoutingRecorder:
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             bound = signature.bind_partial(*args, **kwargs).arguments
-            self.clear()
-            self.forward_prompt = self.prompt_mask
             past = bound.get("past_key_values", bound.get("cache"))  # transformers 5 names it `cache`
-            self.continues_cache = _cached_length(past) > 0
+            continues = _cached_length(past) > 0
             if is_encoder_decoder:
-                self.masks["encoder"] = bound.get("attention_mask")
-                self.masks["decoder"] = bound.get("decoder_attention_mask")
+                masks = {"encoder": bound.get("attention_mask"), "decoder": bound.get("decoder_attention_mask")}
+                ids = bound.get("decoder_input_ids")
             else:
-                self.masks["decoder"] = bound.get("attention_mask")
-                self.masks["encoder"] = None
+                masks = {"encoder": None, "decoder": bound.get("attention_mask")}
+                ids = bound.get("input_ids")
+            mask = masks["decoder"]
+            extends = continues or (mask is not None and ids is not None and mask.shape[-1] > ids.shape[-1])
+            self._in_model = True
+            # a forward that extends the previous one's sequences keeps the decisions their prompts got
+            self._start(Forward(masks, continues_cache=continues, decisions=self._forward.decisions if extends else {}))
 
         return hook
+
+    def _model_done(self, *_: Any) -> None:
+        self._in_model = False
+
+    def _start(self, forward: Forward) -> None:
+        """Make ``forward`` the current one, routed from the innermost call's prompt and seen by every capture."""
+        forward.prompt = self._calls[-1].prompt if self._calls else None
+        self._forward = forward
+        for call in self._calls:
+            call.capture.forwards.append(forward.records)
 
     def _encoder_hook(self, encoder: nn.Module) -> Callable[..., None]:
         signature = inspect.signature(encoder.forward)
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            self.masks["encoder"] = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            if self._in_model:
+                self._forward.masks["encoder"] = mask
+            else:  # generate() runs the encoder on its own, before the first decoder forward
+                self._start(Forward(masks={"encoder": mask, "decoder": None}))
 
         return hook
+
+
+@contextmanager
+def routing(model: nn.Module, prompt_mask: torch.Tensor | None = None) -> Iterator[Capture]:
+    """Run model calls inside this block routed from ``prompt_mask`` (see :meth:`RoutingRecorder.call`), and
+    capture what routing produced; a model without adapters yields an empty capture."""
+    recorder: RoutingRecorder | None = getattr(model, "molora_recorder", None)
+    if recorder is None:
+        yield Capture()
+        return
+    with recorder.call(prompt_mask) as capture:
+        yield capture
 
 
 def _cached_length(past: Any) -> int:

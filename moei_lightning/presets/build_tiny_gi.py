@@ -26,7 +26,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaT
 from moei_lightning.backbone import LLAMA2_CHAT_TEMPLATE, train_sentencepiece
 from moei_lightning.data import Collator, EiRecord, Encoder, PromptFormatter, load_records
 from moei_lightning.data.synthetic import SYNTHETIC_DIR, gi_corpus
-from moei_lightning.eval.scoring import choice_loglikelihoods
+from moei_lightning.eval.choices import choice_loglikelihoods
 
 SHIPPED_DIR = Path(__file__).parent / "tiny_llama_gi"
 """Where the shipped build lives (the `tiny-llama-gi` preset)."""
