@@ -92,7 +92,9 @@ def one_per_task(split: str, directory: Path) -> dict[str, list[str]]:
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package)."""
+    """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package; they import its ``common``)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
