@@ -91,6 +91,18 @@ def one_per_task(split: str, directory: Path) -> dict[str, list[str]]:
     return files
 
 
+def run_benchmark(name: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name>.py ARGS`` as a user runs it, importing this checkout."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package; they import its ``common``)."""
     if str(REPO / "benchmarks") not in sys.path:
