@@ -32,23 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import add_run_options, published_shapes, random_llama, require_device
 
-from moei_lightning.architectures import PUBLISHED
 from moei_lightning.backbone import BackboneConfig, load_tokenizer
 from moei_lightning.checkpoints import read_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES: dict[str, dict[str, int]] = {
-    name: {
-        key: getattr(PUBLISHED[hub_id], key)
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-    }
-    for name, hub_id in (
-        ("llama2-7b", "meta-llama/Llama-2-7b-chat-hf"),
-        ("llama2-13b", "meta-llama/Llama-2-13b-chat-hf"),
-    )
-}
+SHAPES = published_shapes()
 SHAPES["smoke"] = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 1536}
 TARGETS = ("q_proj", "v_proj")
 ADAPTER_TENSORS = ("lora_A", "lora_B", "router.weight", "gate.weight", "gate.bias")
@@ -58,35 +48,21 @@ TOKENIZER = "tiny-llama-gi"  # its 1500 ids fit every vocabulary here
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the backbone directory and the runs")
-    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "smoke"], default="llama2-7b")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--smoke", action="store_true", help="tiny width: checks the script runs")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the settings and the findings as JSON")
+    add_run_options(parser, SHAPES, "llama2-7b", "tiny width: checks the script runs")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape = "smoke"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device; use --device cpu (with --smoke on a laptop)")
+    require_device(parser, args)
     return args
 
 
 def save_backbone(args: argparse.Namespace, directory: Path) -> int:
     """Write a random-init LLaMA of the chosen width and the shipped tokenizer; returns its parameter count."""
     tokenizer = load_tokenizer(BackboneConfig(TOKENIZER))
-    shape = SHAPES[args.shape]
-    config = LlamaConfig(
-        **shape,
-        num_hidden_layers=args.layers,
-        num_key_value_heads=shape["num_attention_heads"],
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device(args.device):  # a GPU initialises billions of weights in a moment
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model = random_llama(SHAPES[args.shape], args.layers, args.device, torch.bfloat16, **ids)
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())

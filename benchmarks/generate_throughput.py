@@ -38,24 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import WIDTH_KEYS, add_run_options, published_shapes, random_llama, require_device
+from transformers import LlamaForCausalLM
 
-from moei_lightning.architectures import PUBLISHED
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
 from moei_lightning.runner import generate_texts
 
-SHAPES: dict[str, dict[str, int]] = {
-    name: {
-        key: getattr(PUBLISHED[hub_id], key)
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    }
-    for name, hub_id in (
-        ("llama2-7b", "meta-llama/Llama-2-7b-chat-hf"),
-        ("llama2-13b", "meta-llama/Llama-2-13b-chat-hf"),
-    )
-}
+SHAPES = published_shapes((*WIDTH_KEYS, "num_hidden_layers"))
 SHAPES["smoke"] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -70,7 +61,6 @@ SENTENCE = "Mira felt joy at the market because her friend had come back from a 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "smoke"], default="llama2-7b")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
     parser.add_argument("--batch-sizes", default="1,16", help="prompts per generate call, comma-separated")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt (about)")
@@ -79,37 +69,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="r; PEFT's LoRA gets rank K*r")
     parser.add_argument("--targets", default="q_proj,v_proj", help="adapted linear layers, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds over all variants, per batch size")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--smoke", action="store_true", help="tiny width, 2 layers, 8 tokens: checks the script runs")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the settings and every row as JSON")
+    add_run_options(parser, SHAPES, "llama2-7b", "tiny width, 2 layers, 8 tokens: checks the script runs")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.layers, args.prompt_tokens, args.new_tokens = "smoke", 2, 16, 8
         args.experts, args.rank, args.repeats = 2, 4, 2
     if args.layers is None:
         args.layers = SHAPES[args.shape]["num_hidden_layers"]
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device; use --device cpu (with --smoke on a laptop)")
+    require_device(parser, args)
     return args
 
 
 def make_backbone(args: argparse.Namespace, tokenizer: Any) -> LlamaForCausalLM:
     """A random-init frozen LLaMA of the chosen width, EOS off so every call generates the same count."""
-    torch.manual_seed(0)
-    shape = {k: v for k, v in SHAPES[args.shape].items() if k != "num_hidden_layers"}
-    config = LlamaConfig(
-        **shape,
-        num_hidden_layers=args.layers,
-        num_key_value_heads=shape["num_attention_heads"],
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model = random_llama(SHAPES[args.shape], args.layers, args.device, getattr(torch, args.dtype), **ids)
     model.generation_config.eos_token_id = None
-    return model.requires_grad_(False).eval()
+    return model.eval()
 
 
 def make_prompts(tokenizer: Any, count: int, tokens: int) -> list[str]:

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import add_run_options, published_shapes, random_llama, require_device
+from transformers import LlamaForCausalLM
 
 from moei_lightning.module import adapter_config, inter_loss
 from moei_lightning.molora import MoLoRAConfig, inject_molora, routing
 
-SHAPES = {
-    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000},
-    "llama2-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "vocab_size": 32000},
+SHAPES = published_shapes() | {
     "smoke": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 256},
 }
 
@@ -58,7 +57,6 @@ class Result:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "smoke"], default="llama2-7b")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (the full models have 32 / 40)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
@@ -66,30 +64,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="r; LoRA gets rank K*r")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--smoke", action="store_true", help="tiny width, 2 layers, 2 steps: checks the script runs")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the settings and every row as JSON")
+    add_run_options(parser, SHAPES, "llama2-7b", "tiny width, 2 layers, 2 steps: checks the script runs")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.layers, args.batch_size, args.seq_len = "smoke", 2, 2, 32
         args.experts, args.rank, args.steps, args.warmup = 2, 4, 2, 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device; use --device cpu (with --smoke on a laptop)")
+    require_device(parser, args)
     return args
 
 
 def build(args: argparse.Namespace, variant: str, checkpointing: bool) -> LlamaForCausalLM:
     """A random-init frozen bf16 LLaMA of the chosen width; adapters (fp32) injected for lora / moei."""
-    shape = SHAPES[args.shape]
-    config = LlamaConfig(
-        **shape,
-        num_hidden_layers=args.layers,
-        num_key_value_heads=shape["num_attention_heads"],
-        max_position_embeddings=max(4096, args.seq_len),
-    )
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.requires_grad_(False)
+    model = random_llama(SHAPES[args.shape], args.layers, args.device, torch.bfloat16, max(4096, args.seq_len))
     if variant != "frozen":
         targets = ["q_proj", "v_proj"]
         molora = MoLoRAConfig(num_experts=args.experts, rank=args.rank, dropout=0.0, target_modules=targets)

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+from common import published_shapes, random_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from moei_lightning.architectures import PUBLISHED
 from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import IGNORE_INDEX
 from moei_lightning.module import MoEIModule, masked_mean
@@ -59,10 +59,7 @@ from moei_lightning.runner import sequence_logprobs
 
 SHAPES: dict[str, dict[str, int]] = {
     "cpu": {"hidden_size": 1024, "intermediate_size": 2752, "num_attention_heads": 16, "vocab_size": 32000},
-    "llama2-7b": {
-        key: getattr(PUBLISHED["meta-llama/Llama-2-7b-chat-hf"], key)
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-    },
+    "llama2-7b": published_shapes()["llama2-7b"],
     "smoke": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 256},
 }
 ALPHA = 16.0
@@ -109,16 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_backbone(args: argparse.Namespace) -> LlamaForCausalLM:
     """A random-init, frozen LLaMA of the chosen width, in the chosen dtype, on the chosen device."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **SHAPES[args.shape],
-        num_hidden_layers=args.layers,
-        num_key_value_heads=SHAPES[args.shape]["num_attention_heads"],
-        max_position_embeddings=max(4096, args.seq_len),
+    return random_llama(
+        SHAPES[args.shape], args.layers, args.device, getattr(torch, args.dtype), max(4096, args.seq_len)
     )
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
-    return model.requires_grad_(False)
 
 
 def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:

@@ -91,8 +91,22 @@ def one_per_task(split: str, directory: Path) -> dict[str, list[str]]:
     return files
 
 
+def run_benchmark(name: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name>.py ARGS`` as a user runs it, importing this checkout."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package)."""
+    """``benchmarks/<name>.py`` as a module (the folder is scripts, not a package; they import its ``common``)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

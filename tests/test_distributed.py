@@ -33,7 +33,7 @@ from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
 from moei_lightning.sharding import block_classes, import_class
 from moei_lightning.strategies import clean_name, read_checkpoint
-from tests.conftest import PINNED, REPO, SAMPLES, TINY
+from tests.conftest import PINNED, REPO, SAMPLES, TINY, run_benchmark
 
 STRATEGY = {name: str(REPO / "conf" / "strategy" / f"{name}.yaml") for name in ("ddp", "fsdp", "fsdp2")}
 TWO_RANKS = ["--trainer.devices=2"]
@@ -410,14 +410,7 @@ def test_sharded_strategies_explain_a_checkpoint_directory(tmp_path: Path) -> No
 @pytest.mark.timeout(300)
 def test_scale_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     """The GPU benchmark's --smoke mode: every variant, both checkpointing settings, on a tiny model."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scale_throughput.py"), "--device", "cpu", "--smoke"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_benchmark("scale_throughput", "--device", "cpu", "--smoke", cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line]
     assert [row.split("|")[1:3] for row in rows] == [

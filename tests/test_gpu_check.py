@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, load_benchmark
+from tests.conftest import REPO, load_benchmark, run_benchmark
 
 STEPS = ["train_step", "scale_7b", "scale_13b", "generate", "tiny_bf16", "fsdp2"]
 
@@ -25,14 +25,7 @@ def check(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.timeout(480)
 def test_smoke_run_writes_every_step(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    result = run_benchmark("gpu_check", "--smoke", "--out", str(out), cwd=tmp_path, timeout=420)
     assert result.returncode == 0, result.stdout[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["smoke"] and report["finished"]
@@ -60,9 +53,7 @@ def test_smoke_run_writes_every_step(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_rerun_of_some_steps_completes_the_earlier_report(tmp_path: Path) -> None:
     def run(only: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        return subprocess.run([*command, "--only", only], env=env, capture_output=True, text=True, timeout=300)
+        return run_benchmark("gpu_check", "--smoke", "--out", str(tmp_path), "--only", only)
 
     assert run("scale_13b").returncode == 1  # the other steps' targets have no result yet
     assert run("scale_7b").returncode == 1

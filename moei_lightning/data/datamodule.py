@@ -105,20 +105,10 @@ class MoEIDataModule(LightningDataModule):
         self.save_hyperparameters()
         _check("gi_ratio", gi_ratio, 0 <= gi_ratio < 1, "a fraction in [0, 1)")
         _check("batch_size", batch_size, batch_size >= 1, "a positive integer")
-        _check(
-            "eval_batch_size",
-            eval_batch_size,
-            eval_batch_size is None or eval_batch_size >= 1,
-            "a positive integer or null",
-        )
+        for key, optional in (("eval_batch_size", eval_batch_size), ("max_train_examples", max_train_examples)):
+            _check(key, optional, optional is None or optional >= 1, "a positive integer or null")
         _check("max_length", max_length, max_length >= 1, "a positive number of tokens")
         _check("num_workers", num_workers, num_workers >= 0, "zero or more")
-        _check(
-            "max_train_examples",
-            max_train_examples,
-            max_train_examples is None or max_train_examples >= 1,
-            "a positive integer or null",
-        )
         given = {
             "ei_train": ei_train,
             "ei_val": ei_val,
