@@ -336,11 +336,11 @@ class MoEICLI(LightningCLI):
         parser.add_lightning_class_args(EiMetricsCallback, "ei_metrics")
         parser.add_lightning_class_args(MoEIProgressBar, "progress_bar")
         # The paper's evaluation when `test` runs (docs/evaluation.md); it does nothing until eval.suites lists some.
-        from moei_lightning.eval.callback import PaperEvaluation
+        from moei_lightning.callbacks.paper_evaluation import PaperEvaluation
 
         parser.add_lightning_class_args(PaperEvaluation, "eval")
         # EI and GI accuracy and gates before and after every fit, printed and saved (summary.json).
-        from moei_lightning.eval.fit_summary import FitSummary
+        from moei_lightning.callbacks.fit_summary import FitSummary
 
         parser.add_lightning_class_args(FitSummary, "summary")
 

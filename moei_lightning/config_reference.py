@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from moei_lightning.backbone import BackboneConfig
-from moei_lightning.callbacks import EiMetricsCallback, MoEIProgressBar, RouterStatsCallback
+from moei_lightning.callbacks import (
+    EiMetricsCallback,
+    FitSummary,
+    MoEIProgressBar,
+    PaperEvaluation,
+    RouterStatsCallback,
+)
 from moei_lightning.data import MoEIDataModule
-from moei_lightning.eval.callback import PaperEvaluation
-from moei_lightning.eval.fit_summary import FitSummary
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
 

@@ -11,8 +11,8 @@ from moei_lightning.callbacks import EiMetricsCallback, RouterStatsCallback
 from moei_lightning.callbacks.stats_files import METRICS_FILE, ROUTER_FILE, read_rows
 from moei_lightning.data import EiRecord, MoEIDataModule
 from moei_lightning.eval.choices import ChoiceScores
-from moei_lightning.eval.harness import ChoiceOutcome, OpenOutcome
 from moei_lightning.eval.scorer import record_items, row_key, score_rows
+from moei_lightning.eval.suite import ChoiceOutcome, OpenOutcome
 from moei_lightning.eval.text_metrics import score_generations
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig

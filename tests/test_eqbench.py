@@ -14,6 +14,7 @@ from moei_lightning.eval.eqbench import (
     accepted,
     attempt_temperatures,
     detect_mode,
+    eqbench_questions,
     load_questions,
     load_responses,
     main,
@@ -28,7 +29,6 @@ from moei_lightning.eval.eqbench import (
     score_responses,
     score_run,
 )
-from moei_lightning.eval.suites import eqbench_questions
 
 # The reference harness's recorded runs: file -> (benchmark_score, n_questions_parseable, mode).
 RECORDED = {

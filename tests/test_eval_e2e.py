@@ -10,9 +10,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
+from moei_lightning.callbacks import PaperEvaluation
 from moei_lightning.callbacks.stats_files import METRICS_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
-from moei_lightning.eval.callback import PaperEvaluation
 from moei_lightning.module import MoEIModule
 from tests.conftest import PINNED, REPO, run_cli
 

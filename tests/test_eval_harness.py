@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from moei_lightning.backbone import BackboneConfig
+from moei_lightning.callbacks import PaperEvaluation
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
-from moei_lightning.eval.emobench import system_prompt, user_prompt
-from moei_lightning.eval.eqbench import question_prompt
-from moei_lightning.eval.harness import Harness, Settings, chat_prompt
-from moei_lightning.eval.suites import SuiteInputs, eibench_items, emobench_items, eqbench_questions, gi_items
+from moei_lightning.eval.eibench import eibench_items
+from moei_lightning.eval.emobench import answer, emobench_items, system_prompt, user_prompt
+from moei_lightning.eval.eqbench import ask, eqbench_questions, question_prompt
+from moei_lightning.eval.gi import gi_items
+from moei_lightning.eval.harness import Harness, Results, chat_prompt
+from moei_lightning.eval.suite import Source, Suite
 from moei_lightning.module import MoEIModule
 from moei_lightning.ranks import merge, shard, sharded_map
 from moei_lightning.runner import ModelRunner
@@ -44,18 +47,29 @@ def tiny_harness(preset: str, adapter: str = "molora", **kwargs: object) -> Harn
     return Harness(ModelRunner(module.model, module.tokenizer, module.kind, batch_size=3, **kwargs), encoder)
 
 
-def small_inputs() -> SuiteInputs:
+def small_inputs() -> tuple[list[Suite], dict]:
+    """The eibench, gi and emotion_prompt suites over a few items of the sample test files."""
+    suites = PaperEvaluation(
+        suites=["eibench", "gi", "emotion_prompt"], max_new_tokens=4, emotion_prompt_stimuli=STIMULI
+    )
     eibench = eibench_items([str(SAMPLES_DIR / "ei" / "test.jsonl")], "data.ei_test")
     open_items = [i for i in eibench if i.answer is None][:3]
     choice_items = [i for i in eibench if i.answer is not None][:4]
     gi = gi_items([str(SAMPLES_DIR / "gi" / "test.jsonl")], "data.gi_test", {})[:5]
-    return SuiteInputs(["eibench", "gi", "emotion_prompt"], eibench=choice_items + open_items, gi=gi, stimuli=STIMULI)
+    probe = suites.suites[2].load(Source(), {"gi": gi})
+    return suites.suites, {"eibench": choice_items + open_items, "gi": gi, "emotion_prompt": probe}
+
+
+def choice_outcomes(results: Results) -> dict:
+    outcomes = results.outcomes
+    probe = outcomes["emotion_prompt"]
+    return {"eibench": outcomes["eibench"].choice, "gi": outcomes["gi"], "plain": probe.plain, "probe": probe.variants}
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
 def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: str) -> None:
-    inputs = small_inputs()
-    single = tiny_harness(preset).run(inputs, Settings(max_new_tokens=4, eqbench_max_new_tokens=4))
+    suites, inputs = small_inputs()
+    single = tiny_harness(preset).run(suites, inputs)
 
     world = ThreadWorld(2)
     harnesses = [tiny_harness(preset, rank=r, world_size=2, gather=world.gather_for(r)) for r in range(2)]
@@ -66,7 +80,7 @@ def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: s
 
     def run(rank: int) -> None:
         try:
-            outputs[rank] = harnesses[rank].run(inputs, Settings(max_new_tokens=4, eqbench_max_new_tokens=4))
+            outputs[rank] = harnesses[rank].run(suites, inputs)
         except BaseException as err:  # a failing rank must not leave the other waiting silently
             errors.append(err)
             world.barrier.abort()
@@ -80,20 +94,21 @@ def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: s
     assert calls[0] == calls[1] > 0  # 5 GI items over 2 ranks: padded, never one forward more on one rank
 
     for result in outputs:
-        for name in ("eibench", "gi", "emotion_prompt"):
-            ours, theirs = getattr(result, name), getattr(single, name)
+        for name, theirs in choice_outcomes(single).items():
+            ours = choice_outcomes(result)[name]
             assert [o.item.record.id for o in ours] == [o.item.record.id for o in theirs]
             assert [o.scores.predicted for o in ours] == [o.scores.predicted for o in theirs]
             for a, b in zip(ours, theirs):
                 assert a.scores.logprobs == pytest.approx(b.scores.logprobs, abs=1e-4)
                 assert (a.gate is None) == (b.gate is None)
                 assert a.gate is None or a.gate == pytest.approx(b.gate, abs=1e-5)
-        assert [o.prediction for o in result.eibench_open] == [o.prediction for o in single.eibench_open]
+        opened = [o.prediction for o in result.outcomes["eibench"].open]
+        assert opened == [o.prediction for o in single.outcomes["eibench"].open]
         assert result.truncated == single.truncated
 
 
 def test_gates_are_read_per_prompt_one_without_an_inter_gate_and_absent_without_adapters() -> None:
-    records = [i.record for i in small_inputs().gi]
+    records = [i.record for i in small_inputs()[1]["gi"]]
     gates = tiny_harness("tiny-llama").gates(records)
     assert all(0 < g < 1 for g in gates)
     assert len(set(gates)) > 1  # each prompt has its own mean, padding excluded
@@ -110,7 +125,7 @@ def test_eqbench_prompts_go_through_the_chat_template(shared_data: Path) -> None
     assert prompt.startswith(f"{harness.tokenizer.bos_token}[INST]") and prompt.rstrip().endswith("[/INST]")
     assert questions.questions["1"].prompt.strip() in prompt
     assert chat_prompt(tiny_harness("tiny-t5").tokenizer, "plain text") == "plain text"
-    outcome = harness.eqbench(questions, max_new_tokens=4)
+    outcome = ask(harness, questions, max_new_tokens=4)
     assert set(outcome.replies) == {"1", "2"}
     assert outcome.result.parseable == 0 and outcome.result.n_questions == 2  # counted, not dropped
 
@@ -143,7 +158,7 @@ def test_eqbench_asks_again_as_the_reference_harness_does(shared_data: Path, mon
         return [script[qid][len(calls) - 1] for qid in ids]
 
     monkeypatch.setattr(harness.runner, "generate", generate)
-    outcome = harness.eqbench(questions, max_new_tokens=8, mode="revise")
+    outcome = ask(harness, questions, max_new_tokens=8, mode="revise")
     assert calls == [(0.01, ["1", "2", "3"]), (0.16, ["2", "3"]), (0.31, ["3"])]
     assert outcome.attempts == {"1": 1, "2": 2, "3": 3}
     assert outcome.replies["3"] == script["3"][0]  # the partial reply, not the last one
@@ -160,7 +175,7 @@ def test_eqbench_no_revise_prompt_is_sent(shared_data: Path, monkeypatch) -> Non
         return ["x"] * len(batch)
 
     monkeypatch.setattr(harness.runner, "generate", generate)
-    outcome = harness.eqbench(questions)
+    outcome = ask(harness, questions)
     assert len(sent) == 3  # never parses: three attempts
     # As the harness's Llama-2 instruction template sends it: its system message, then the question.
     question = question_prompt(questions.questions["1"], "no_revise")
@@ -188,7 +203,7 @@ def test_eqbench_generation_settings(shared_data: Path, monkeypatch, settings, t
         return ["x"] * len(batch)
 
     monkeypatch.setattr(harness.runner, "generate", generate)
-    harness.eqbench(questions, **settings)
+    ask(harness, questions, **settings)
     mode = settings.get("mode", "no_revise")
     expected = chat_prompt(harness.tokenizer, question_prompt(questions.questions["1"], mode), system)
     assert sent[0] == (expected, tokens, unfiltered)
@@ -216,7 +231,7 @@ def test_eqbench_system_message_without_a_llama2_template(shared_data: Path, mon
     questions = eqbench_questions(str(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"), 1)
     sent: list[str] = []
     monkeypatch.setattr(harness.runner, "generate", lambda batch, *args: sent.extend(batch) or ["x"] * len(batch))
-    harness.eqbench(questions)
+    ask(harness, questions)
     question = question_prompt(questions.questions["1"], "no_revise")
     assert sent[0] == "You are an expert in emotional analysis.\n" + question
 
@@ -226,7 +241,7 @@ def test_emobench_both_protocols_on_a_tiny_model(shared_data: Path, monkeypatch)
     assert [i.task for i in items] == ["EU", "EU", "EA", "EA"]
     harness = tiny_harness("tiny-llama")
     # loglikelihood: one forward per choice of every question; EU needs both questions right.
-    outcomes = harness.emobench(items, "loglikelihood", max_new_tokens=4)
+    outcomes = answer(harness, items, "loglikelihood", max_new_tokens=4)
     assert [len(o.answers) for o in outcomes] == [2, 2, 1, 1]
     assert all(set(o.answers) <= set("ABCDEF") for o in outcomes)
     # generate: the reference's system and user prompts through the chat template, the reply parsed.
@@ -237,7 +252,7 @@ def test_emobench_both_protocols_on_a_tiny_model(shared_data: Path, monkeypatch)
         return ['```json\n{"answer_q1": "A", "answer_q2": "B"}\n```', "no json", '{"answer": "D"}', '{"answer": "A"}']
 
     monkeypatch.setattr(harness.runner, "generate", generate)
-    outcomes = harness.emobench(items, "generate", max_new_tokens=50)
+    outcomes = answer(harness, items, "generate", max_new_tokens=50)
     assert sent[0] == chat_prompt(harness.tokenizer, user_prompt(items[0]), system_prompt("EU", "en"))
     assert "Instructions" in sent[0] and items[0].scenario in sent[0]
     assert [o.answers for o in outcomes] == [["A", "B"], ["", ""], ["D"], ["A"]]

@@ -8,11 +8,13 @@ import torch
 from rich.progress import Progress
 
 from moei_lightning.backbone import BackboneConfig
-from moei_lightning.callbacks.progress import MoEIProgressBar
+from moei_lightning.callbacks import PaperEvaluation
+from moei_lightning.callbacks.progress import MoEIProgressBar, SuiteProgress
 from moei_lightning.data import SAMPLES_DIR, Encoder, PromptFormatter
-from moei_lightning.eval.harness import Harness, Settings
-from moei_lightning.eval.progress import SuiteProgress
-from moei_lightning.eval.suites import SuiteInputs, eibench_items, gi_items
+from moei_lightning.eval.eibench import eibench_items
+from moei_lightning.eval.gi import gi_items
+from moei_lightning.eval.harness import Harness
+from moei_lightning.eval.suite import Source, Suite
 from moei_lightning.module import MoEIModule
 from moei_lightning.runner import ModelRunner
 
@@ -27,11 +29,15 @@ def harness() -> Harness:
     return Harness(ModelRunner(module.model, module.tokenizer, module.kind, batch_size=4), encoder)
 
 
-def inputs() -> SuiteInputs:
+def inputs() -> tuple[list[Suite], dict]:
+    evaluation = PaperEvaluation(
+        suites=["eibench", "gi", "emotion_prompt"], max_new_tokens=2, emotion_prompt_stimuli={"EP02": "Be sure."}
+    )
     eibench = eibench_items([str(SAMPLES_DIR / "ei" / "test.jsonl")], "data.ei_test")
     items = [i for i in eibench if i.answer is not None][:3] + [i for i in eibench if i.answer is None][:2]
     gi = gi_items([str(SAMPLES_DIR / "gi" / "test.jsonl")], "data.gi_test", {})[:4]
-    return SuiteInputs(["eibench", "gi", "emotion_prompt"], eibench=items, gi=gi, stimuli={"EP02": "Be sure."})
+    probe = evaluation.suites[2].load(Source(), {"gi": gi})
+    return evaluation.suites, {"eibench": items, "gi": gi, "emotion_prompt": probe}
 
 
 def trainer(bar: object, rank_zero: bool = True) -> SimpleNamespace:
@@ -40,7 +46,7 @@ def trainer(bar: object, rank_zero: bool = True) -> SimpleNamespace:
 
 def test_a_log_gets_a_line_as_each_suite_starts_and_ends(harness: Harness, capsys: pytest.CaptureFixture) -> None:
     with torch.no_grad():
-        harness.run(inputs(), Settings(max_new_tokens=2), SuiteProgress(trainer(MoEIProgressBar(lines=True)), 3))
+        harness.run(*inputs(), SuiteProgress(trainer(MoEIProgressBar(lines=True)), 3))
     lines = capsys.readouterr().out.splitlines()
     expected = [
         r"eval 1/3 eibench: 5 items",

@@ -6,18 +6,21 @@ from pathlib import Path
 
 import pytest
 
+from moei_lightning.callbacks import PaperEvaluation
+from moei_lightning.callbacks.fit_summary import _change, score_records, summary_markdown
 from moei_lightning.data import EiRecord
-from moei_lightning.eval.aggregate import build_report
 from moei_lightning.eval.choices import ChoiceScores
 from moei_lightning.eval.compare import main as compare_main
+from moei_lightning.eval.eibench import EiBenchOutcomes
 from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emobench import Question as EmoQuestion
-from moei_lightning.eval.eqbench import Question, score_responses
-from moei_lightning.eval.fit_summary import _change, score_records, summary_markdown
-from moei_lightning.eval.harness import ChoiceOutcome, EqBenchOutcome, OpenOutcome, Results
+from moei_lightning.eval.emotion_prompt import ProbeOutcomes
+from moei_lightning.eval.eqbench import EqBenchOutcome, EqBenchQuestions, Question, score_responses
+from moei_lightning.eval.harness import Results
+from moei_lightning.eval.registry import build_report, suite_rows
 from moei_lightning.eval.report import Report, load_report
 from moei_lightning.eval.scorer import row_key, score_rows
-from moei_lightning.eval.suites import EqBenchQuestions, Item
+from moei_lightning.eval.suite import ChoiceOutcome, Item, OpenOutcome
 
 NAMES = ["eibench", "gi", "eqbench", "emobench", "emotion_prompt"]
 CONFIG = {"checkpoint": "runs/x/last.ckpt", "backbone": {"name_or_path": "tiny"}, "adapter": "molora", "data": {}}
@@ -73,34 +76,55 @@ def eqbench_outcome(parseable: int = 5) -> EqBenchOutcome:
     return EqBenchOutcome(EqBenchQuestions("q.json", questions, 171), replies, score_responses(replies, questions))
 
 
-def make_results(gates: bool = True) -> Results:
+def build(
+    names: list[str],
+    outcomes: dict,
+    config: dict = CONFIG,
+    stimuli: dict[str, str] | None = None,
+    limit: int | None = None,
+    protocol: str = "generate",
+) -> Report:
+    """The report of ``names`` over hand-made outcomes, as the ``test`` evaluation builds it."""
+    suites = PaperEvaluation(
+        suites=names,
+        eqbench_questions="q.json",
+        emobench_dir="emobench",
+        emobench_protocol=protocol,
+        emotion_prompt_stimuli=stimuli or {"EP02": "s"},
+        limit=limit,
+    ).suites
+    results = Results({suite.name: outcomes[suite.name] for suite in suites})
+    return build_report(suites, results, suite_rows(suites, results), config, limit)
+
+
+def make_results(gates: bool = True) -> dict:
     plain_gate, stimulus_gate = (0.2, 0.6) if gates else (None, None)
     gi = [choice("gi", "trivia", "knowledge", c, gate=plain_gate) for c in (True, True, True, False)]
     gi += [choice("mmlu", "formal_logic", "reasoning", False, gate=plain_gate) for _ in range(2)]
     probe = [dataclasses.replace(o, item=dataclasses.replace(o.item, variant="EP02"), gate=stimulus_gate) for o in gi]
     for outcome in probe:
         outcome.scores = ChoiceScores([-1.0, -5.0, -5.0], [1, 1, 1], [1, 1, 1])  # every answer wrong now
-    return Results(
-        eibench=[
-            choice("eibench", "polarity", "perception", True),
-            choice("eibench", "polarity", "perception", False, acc_correct=True),
-            choice("eibench", "intensity", "perception", True, acc_correct=False),
-        ],
-        eibench_open=[open_outcome("reply", "thank you so much", "thank you so much")] * 2,
-        gi=gi,
-        eqbench=eqbench_outcome(),
-        emobench=[
+    eibench = [
+        choice("eibench", "polarity", "perception", True),
+        choice("eibench", "polarity", "perception", False, acc_correct=True),
+        choice("eibench", "intensity", "perception", True, acc_correct=False),
+    ]
+    return {
+        "eibench": EiBenchOutcomes(eibench, [open_outcome("reply", "thank you so much", "thank you so much")] * 2),
+        "gi": gi,
+        "eqbench": eqbench_outcome(),
+        "emobench": [
             emobench_outcome("EU", "complex", "en", True),
             emobench_outcome("EU", "complex", "en", False),
             emobench_outcome("EU", "complex", "zh", False),
             emobench_outcome("EA", "Social-Self", "en", True),
         ],
-        emotion_prompt=probe,
-    )
+        "emotion_prompt": ProbeOutcomes(gi, probe),
+    }
 
 
 def test_summary_numbers() -> None:
-    report = build_report(NAMES, make_results(), CONFIG, {"EP02": "This is very important to my career."})
+    report = build(NAMES, make_results(), stimuli={"EP02": "This is very important to my career."})
     scores = report.scores
     assert scores["EI/perception"] == pytest.approx(200 / 3)  # acc_norm over the items: tasks 1 of 2 and 1 of 1
     assert scores["EI/expression"] == pytest.approx(100.0)  # ROUGE-L of exact copies
@@ -138,18 +162,18 @@ def test_summary_numbers() -> None:
 
 
 def test_without_adapters_or_inter_gate_the_probe_says_so() -> None:
-    report = build_report(NAMES, make_results(gates=False), {**CONFIG, "adapter": "full"}, {"EP02": "s"})
+    report = build(NAMES, make_results(gates=False), {**CONFIG, "adapter": "full"})
     assert report.scores["EmotionPrompt/inter gate (plain)"] is None
     row = next(r for r in report.summary.rows if r[1] == "inter gate (plain)")
     assert "no adapters" in row[4]
     assert "| EmotionPrompt | inter gate (plain) | n/a |" in report.to_markdown()
-    lora = build_report(NAMES, make_results(), {**CONFIG, "adapter": "lora"}, {"EP02": "s"})
+    lora = build(NAMES, make_results(), {**CONFIG, "adapter": "lora"})
     row = next(r for r in lora.summary.rows if r[1] == "inter gate (plain)")
     assert "no inter gate" in row[4] and "gate 1" in row[4]
 
 
 def test_report_files_hold_the_same_numbers(tmp_path: Path) -> None:
-    report = build_report(NAMES, make_results(), CONFIG, {"EP02": "s"}, limit=20)
+    report = build(NAMES, make_results(), limit=20)
     json_path, md_path = report.write(tmp_path)
     assert load_report(json_path).to_dict() == report.to_dict()
     markdown = md_path.read_text(encoding="utf-8")
@@ -164,9 +188,9 @@ def test_report_files_hold_the_same_numbers(tmp_path: Path) -> None:
 
 
 def test_compare_puts_reports_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    full = build_report(NAMES, make_results(), CONFIG, {"EP02": "s"})
+    full = build(NAMES, make_results())
     full.write(tmp_path / "moei")
-    gi_only = build_report(["gi"], make_results(), CONFIG, {})
+    gi_only = build(["gi"], make_results())
     gi_only.write(tmp_path / "base")
     output = tmp_path / "table.md"
     compare_main([str(tmp_path / "base"), str(tmp_path / "moei" / "report.json"), "--output", str(output)])
@@ -178,7 +202,7 @@ def test_compare_puts_reports_side_by_side(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_compare_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    report = Report.from_dict(build_report(["gi"], make_results(), CONFIG, {}).to_dict())
+    report = Report.from_dict(build(["gi"], make_results()).to_dict())
     report.write(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         compare_main([str(tmp_path), "--names", "a", "b"])
@@ -191,18 +215,19 @@ def test_compare_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_failed_eqbench_run_has_no_score() -> None:
-    results = dataclasses.replace(make_results(), eqbench=eqbench_outcome(parseable=4))
-    report = build_report(["eqbench"], results, CONFIG, {})
+    report = build(["eqbench"], {"eqbench": eqbench_outcome(parseable=4)})
     assert report.scores["EQ-Bench v2/score"] is None
     assert "FAILED" in report.summary.rows[0][4]
 
 
 def test_report_keys_are_the_logged_keys(tmp_path: Path) -> None:
     """The report's keys are the ones the test run logs: the EI/GI rows' keys, and test/<suite>/<measure>."""
-    results = make_results()
-    report = build_report(NAMES, results, CONFIG, {"EP02": "This is very important to my career."})
+    outcomes = make_results()
+    report = build(NAMES, outcomes, stimuli={"EP02": "This is very important to my career."})
     metrics = report.metrics
-    logged = {row_key("test", r): r["value"] for r in score_rows(results.eibench + results.gi, results.eibench_open)}
+    eibench = outcomes["eibench"]
+    rows = score_rows(eibench.choice + outcomes["gi"], eibench.open)
+    logged = {row_key("test", r): r["value"] for r in rows}
     ei_gi = {key: value for key, value in metrics.items() if key.startswith(("test/ei/", "test/gi/"))}
     assert ei_gi == {key: logged[key] for key in ei_gi}  # every EI/GI summary number under its logged key
     assert set(ei_gi) == {
@@ -226,7 +251,7 @@ class AnsweringHarness:
     def __init__(self, outcomes: list[ChoiceOutcome]) -> None:
         self.scores = {o.item.record.id: o.scores for o in outcomes}
 
-    def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
+    def choices(self, items: list[Item], suite: str) -> list[ChoiceOutcome]:
         return [ChoiceOutcome(item, self.scores[item.record.id]) for item in items]
 
     def gates(self, records: list[EiRecord]) -> list[float | None]:
@@ -239,8 +264,7 @@ def test_one_averaging_rule_on_unbalanced_tasks() -> None:
     ei += [choice("eibench", "many", "perception", i == 0, acc_correct=i < 3) for i in range(9)]
     ei += [choice("eibench", "cause", "cognition", True) for _ in range(2)]
     gi = [choice("gi", "capitals", "knowledge", True)] + [choice("gi", "math", "reasoning", False) for _ in range(9)]
-    results = Results(eibench=ei, gi=gi)
-    report = build_report(["eibench", "gi"], results, CONFIG, {})
+    report = build(["eibench", "gi"], {"eibench": EiBenchOutcomes(ei), "gi": gi})
     scores = report.scores
     assert scores["EI/perception"] == pytest.approx(20.0)  # 2 of 10 items, where the mean of tasks is 55.6
     assert scores["EI/average"] == pytest.approx(100 * 4 / 12)  # 4 of 12 items
@@ -278,7 +302,7 @@ def test_emobench_by_log_likelihood_reports_both_accuracies() -> None:
         EmoBenchOutcome(item.item, item.answers, by_metric={"acc": ["B"], "acc_norm": item.answers})
         for item in (emobench_outcome("EA", "Social-Self", "en", correct) for correct in (True, False))
     ]
-    report = build_report(["emobench"], Results(emobench=outcomes, emobench_protocol="loglikelihood"), CONFIG, {})
+    report = build(["emobench"], {"emobench": outcomes}, protocol="loglikelihood")
     table = report.tables["emobench"]
     assert table.columns == ["task", "language", "category", "n", "acc", "acc_norm"]
     assert table.rows[-1] == ["EA", "en", "Overall", 2, 100.0, 50.0]  # acc: "B", right twice; acc_norm: once

@@ -1,24 +1,25 @@
 """Evaluation inputs: suite loading, config errors that name the key, quick-run limits, EmotionPrompt variants."""
 
 import json
+import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Trainer
 
-from moei_lightning.data import SAMPLES_DIR, DataError, PromptFormatter
-from moei_lightning.eval.callback import PaperEvaluation
+from moei_lightning.callbacks import PaperEvaluation
+from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule, PromptFormatter, load_records
+from moei_lightning.eval.eibench import eibench_items
+from moei_lightning.eval.emobench import emobench_items
 from moei_lightning.eval.emotion_prompt import check_stimuli, probe_items, with_stimulus
-from moei_lightning.eval.harness import OpenOutcome
+from moei_lightning.eval.eqbench import eqbench_questions
+from moei_lightning.eval.gi import gi_items
+from moei_lightning.eval.registry import SUITES, check_suites
 from moei_lightning.eval.scorer import score_rows
-from moei_lightning.eval.suites import (
-    check_suites,
-    eibench_items,
-    emobench_items,
-    eqbench_questions,
-    gi_items,
-    limit_items,
-)
+from moei_lightning.eval.suite import OpenOutcome, limit_items
+from moei_lightning.module import MoEIModule
+from tests.conftest import REPO
 
 EI_TEST = str(SAMPLES_DIR / "ei" / "test.jsonl")
 GI_TEST = str(SAMPLES_DIR / "gi" / "test.jsonl")
@@ -136,7 +137,7 @@ def test_suite_names_are_checked() -> None:
         check_suites(["mmlu"])
     with pytest.raises(DataError, match=r"listed twice"):
         check_suites(["gi", "gi"])
-    with pytest.raises(DataError, match=r"emotion_prompt reruns the gi suite"):
+    with pytest.raises(DataError, match=r"emotion_prompt reads the items and outcomes of \['gi'\]; list them"):
         check_suites(["emotion_prompt"])
 
 
@@ -181,3 +182,33 @@ def test_probe_items_cover_every_item_under_every_stimulus() -> None:
     assert len(variants) == 2 * len(items)
     assert [v.variant for v in variants] == ["EP02"] * len(items) + ["EP04"] * len(items)
     assert len({v.record.id for v in variants}) == len(variants)
+
+
+def docs_example_suite() -> types.ModuleType:
+    """The example suite of docs/evaluation.md ("Adding a suite"), as a module."""
+    text = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8").split("## Adding a suite", 1)[1]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("ei_validation")
+    exec(compile(code, "docs/evaluation.md", "exec"), module.__dict__)
+    return module
+
+
+def test_a_new_suite_is_one_module_and_one_registry_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = docs_example_suite().EiValidation
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    evaluation = PaperEvaluation(suites=["gi", "ei_val"], limit=2)
+    assert evaluation.names == ["gi", "ei_val"]  # registry order
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[evaluation], default_root_dir=tmp_path
+    )
+    trainer.test(MoEIModule(), MoEIDataModule(max_length=128), verbose=False)
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    rows = {row[5]: row for row in report["summary"]["rows"]}
+    choices = [json.loads(line) for line in (tmp_path / "choices.jsonl").read_text(encoding="utf-8").splitlines()]
+    mine = [c for c in choices if c["suite"] == "ei_val"]
+    assert mine and {c["task"] for c in mine} <= {r.task for r in load_records([SAMPLES_DIR / "ei" / "val.jsonl"])}
+    for metric in ("acc", "acc_norm"):
+        right = sum(c[metric] for c in mine)
+        assert rows[f"test/ei_validation/{metric}"][:4] == ["EI validation", metric, 100 * right / len(mine), len(mine)]
+        assert report["metrics"][f"test/ei_validation/{metric}"] == pytest.approx(100 * right / len(mine))
+    assert "test/gi/avg" in report["metrics"]  # the shipped suites report beside it

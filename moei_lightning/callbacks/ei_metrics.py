@@ -21,9 +21,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moei_lightning.callbacks.stats_files import METRICS_FILE, append_rows
-from moei_lightning.eval.harness import Harness, OpenOutcome, Results
-from moei_lightning.eval.scorer import Row, record_items, row_key, score_rows
-from moei_lightning.eval.suites import Item
+from moei_lightning.eval.harness import Harness
+from moei_lightning.eval.scorer import record_items, row_key, score_rows
+from moei_lightning.eval.suite import Item, OpenOutcome, Row
 from moei_lightning.ranks import Gather, all_gather
 from moei_lightning.sharding import root_parameters_gathered
 
@@ -102,9 +102,8 @@ class EiMetricsCallback(Callback):
         items = self._items[split]
         choice = [i for i in items if i.answer is not None]
         open_items = [i for i in items if i.answer is None]
-        outcomes = harness.choices(choice, split, Results())
-        prompts = [harness.encoder.formatter.format(i.record) for i in open_items]
-        texts = harness.runner.generate(prompts, self.max_new_tokens or pl_module.max_new_tokens)
+        outcomes = harness.choices(choice, split)
+        texts = harness.runner.generate(harness.prompts(open_items), self.max_new_tokens or pl_module.max_new_tokens)
         return score_rows(outcomes, [OpenOutcome(i, t) for i, t in zip(open_items, texts)])
 
     def _log(self, split: str, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,4 +1,6 @@
-"""Evaluation: benchmark loaders and scorers, and the paper's evaluation at ``test``.
+"""Evaluation, without Lightning: the suites (:mod:`~moei_lightning.eval.registry`), the harness through which
+they ask the model, the one scorer and the report.
 
-``eval.callback.PaperEvaluation`` runs it; docs/evaluation.md describes the suites and the report.
+``moei_lightning.callbacks.PaperEvaluation`` runs it at ``test``; docs/evaluation.md describes the suites and
+the report.
 """

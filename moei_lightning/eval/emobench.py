@@ -14,6 +14,7 @@
 - **Scoring.** An EU scenario is right only when both its answers are; accuracy per language, per
   category (EU: coarse category; EA: category) and over the language (``Overall``), as the
   reference reports it; languages are never pooled. Percent here, where the reference prints 0-1.
+- **Suite.** :class:`EmoBench` is the ``emobench`` suite of the ``test`` evaluation.
 
 Every line that cannot be read is an error naming file:line.
 """
@@ -23,11 +24,26 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from moei_lightning.eval.items import ChoiceItem
+from moei_lightning.data import DataError
+from moei_lightning.eval.harness import Harness, chat_prompt
+from moei_lightning.eval.report import Report, Table
+from moei_lightning.eval.scorer import CHOICE_NOTE
+from moei_lightning.eval.suite import (
+    CHOICE_METRICS,
+    ChoiceItem,
+    Row,
+    Settings,
+    Source,
+    Suite,
+    from_choice_item,
+    limit_items,
+    primary_metric,
+)
 
 SUITE = "emobench"
 LANGUAGES = ("en", "zh")
@@ -316,3 +332,104 @@ def accuracy_rows(
         groups.setdefault((item.task, item.language, OVERALL), []).append(correct)
     order = sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1], k[2] == OVERALL, k[2]))
     return [(*key, len(groups[key]), 100.0 * sum(groups[key]) / len(groups[key])) for key in order]
+
+
+def emobench_items(directory: str, languages: Sequence[str]) -> list[EmoBenchItem]:
+    """EmoBench EU and EA items of ``languages`` from ``directory``; problems name the config keys."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"config key eval.emobench_dir: {directory} is not a folder; point it at the folder holding "
+            "EmoBench's EU.jsonl and EA.jsonl"
+        )
+    try:
+        return load_emobench(directory, languages)
+    except ValueError as err:
+        raise DataError(f"{err} (config keys eval.emobench_dir, eval.emobench_languages)") from err
+
+
+def answer(harness: Harness, items: list[EmoBenchItem], protocol: str, max_new_tokens: int) -> list[EmoBenchOutcome]:
+    """Answer EmoBench items by ``protocol``: ``generate`` (the reference's prompts, greedy replies parsed for
+    letters) or ``loglikelihood`` (each question as multiple choice, by ``acc`` and ``acc_norm``)."""
+    if protocol == "generate":
+        prompts = [chat_prompt(harness.tokenizer, user_prompt(i), system_prompt(i.task, i.language)) for i in items]
+        replies = harness.runner.generate(prompts, max_new_tokens)
+        return [EmoBenchOutcome(i, parse_reply(r, i.task), r) for i, r in zip(items, replies)]
+    if protocol != "loglikelihood":
+        raise ValueError(f"EmoBench protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+    questions = [[from_choice_item(q, "ei") for q in loglikelihood_questions(i)] for i in items]
+    flat = harness.choices([q for qs in questions for q in qs], SUITE)
+    outcomes, at = [], 0
+    for item, qs in zip(items, questions):
+        chosen = flat[at : at + len(qs)]
+        letters = {m: [LETTERS[o.predicted(m)] for o in chosen] for m in CHOICE_METRICS}
+        outcomes.append(EmoBenchOutcome(item, letters[primary_metric(SUITE)], by_metric=letters))
+        at += len(qs)
+    return outcomes
+
+
+class EmoBench(Suite):
+    """The ``emobench`` suite: EU and EA items of ``eval.emobench_dir`` in ``eval.emobench_languages``, by
+    ``eval.emobench_protocol``; the report gives accuracy per task, language and category."""
+
+    name = SUITE
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        if settings.emobench_protocol not in PROTOCOLS:
+            raise DataError(
+                f"config key eval.emobench_protocol: {settings.emobench_protocol!r} is not one of {list(PROTOCOLS)}"
+            )
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.require("emobench_dir")
+        self.protocol = settings.emobench_protocol
+
+    def load(self, source: Source, loaded: Mapping[str, Any]) -> list[EmoBenchItem]:
+        items = emobench_items(self.settings.emobench_dir, self.settings.emobench_languages)
+        return limit_items(items, self.settings.limit)
+
+    def run(self, harness: Harness, items: list[EmoBenchItem], done: Mapping[str, Any]) -> list[EmoBenchOutcome]:
+        return answer(harness, items, self.protocol, self.settings.emobench_max_new_tokens)
+
+    def report(self, outcomes: list[EmoBenchOutcome], rows: list[Row], report: Report) -> None:
+        scored = accuracy_rows(outcomes)
+        if self.protocol == "generate":
+            how = "letter answers parsed from greedy replies to the reference prompts (unparseable = wrong)"
+            columns, table = ["task", "language", "category", "n", "accuracy"], [list(row) for row in scored]
+        else:
+            how = (
+                f"each question by log-likelihood, not the published protocol; {CHOICE_NOTE} "
+                f"Summary: {primary_metric(SUITE)}"
+            )
+            by_metric = [accuracy_rows(outcomes, metric) for metric in CHOICE_METRICS]
+            columns = ["task", "language", "category", "n", *CHOICE_METRICS]
+            table = [[*row[:4], *(rows_of[i][4] for rows_of in by_metric)] for i, row in enumerate(scored)]
+        report.tables["emobench"] = Table(
+            "EmoBench",
+            columns,
+            table,
+            note=f"As the reference reports it: per language, per category and Overall; EU is right only when "
+            f"emotion and cause both are. Protocol {self.protocol}: {how}.",
+        )
+        for task, language, category, n, acc in scored:
+            if category == OVERALL:
+                report.add("EmoBench", f"{task} {language}", acc, n, f"Overall, {self.protocol}")
+
+    def outputs(self, outcomes: list[EmoBenchOutcome]) -> dict[str, Any]:
+        if self.protocol != "generate":
+            return {}
+        lines = [
+            {
+                "id": o.item.id,
+                "task": o.item.task,
+                "lang": o.item.language,
+                "category": o.item.category,
+                "labels": [q.letter for q in o.item.questions],
+                "answers": o.answers,
+                "correct": o.correct,
+                "reply": o.reply,
+            }
+            for o in outcomes
+        ]
+        return {"emobench_replies.jsonl": lines}

@@ -41,7 +41,9 @@ whose recorded runs are the conformance vectors (tests/test_eqbench.py; docs/eva
 - **Retries.** The harness asks an unparseable question again, up to 3 attempts, at temperature
   0.01, then 0.16, then 0.31. It takes the first reply whose passes all parse; in revise mode it
   otherwise keeps the first reply of which one pass parsed. :func:`accepted` and :func:`partial`
-  say which; the evaluation harness runs the loop.
+  say which; :func:`ask` runs the loop.
+- **Suite.** :class:`EqBench` is the ``eqbench`` suite of the ``test`` evaluation; the module is also a
+  command that rescores replies from any engine (``python -m moei_lightning.eval.eqbench``).
 """
 
 from __future__ import annotations
@@ -52,9 +54,14 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from moei_lightning.data import DataError
+from moei_lightning.eval.harness import Harness, chat_prompt
+from moei_lightning.eval.report import Report, Table
+from moei_lightning.eval.suite import Row, Settings, Source, Suite, require_file
 
 Mode = Literal["revise", "no_revise"]
 Version = Literal["v1", "v2"]
@@ -541,6 +548,169 @@ def _report(run: EqBenchRun, mode: Mode, mode_source: str, version: Version) -> 
         "unparseable_ids": {it: list(r.unparseable_ids) for it, r in run.iterations.items()},
         "iterations": {it: _summary(r) for it, r in run.iterations.items()},
     }
+
+
+@dataclass(frozen=True)
+class EqBenchQuestions:
+    """The EQ-Bench questions to ask; ``available`` counts the file's questions before any cap, and
+    ``version`` is the whole file's (a cap to 60 questions must not turn v2 into v1)."""
+
+    path: str
+    questions: dict[str, Question]
+    available: int
+    version: Version = "v2"
+
+
+@dataclass
+class EqBenchOutcome:
+    """The questions asked, the kept reply by question id, how many attempts each took, and the score."""
+
+    questions: EqBenchQuestions
+    replies: dict[str, str]
+    result: EqBenchResult
+    attempts: dict[str, int] = field(default_factory=dict)
+
+
+def eqbench_questions(path: str, limit: int | None) -> EqBenchQuestions:
+    """The questions in file order, the first ``limit`` of them when a limit is set."""
+    require_file(path, "eval.eqbench_questions")
+    try:
+        questions = load_questions(path)
+    except EqBenchInputError as err:
+        raise DataError(f"{err} (file from config key eval.eqbench_questions)") from err
+    kept = dict(list(questions.items())[:limit]) if limit is not None else questions
+    return EqBenchQuestions(
+        path=str(path), questions=kept, available=len(questions), version=questions_version(questions)
+    )
+
+
+def ask(
+    harness: Harness,
+    questions: EqBenchQuestions,
+    max_new_tokens: int | None = None,
+    mode: Mode = DEFAULT_MODE,
+    system: str = "harness",
+    sampling: str = "harness",
+) -> EqBenchOutcome:
+    """Ask every question through the chat template as the reference harness does, then score the replies.
+
+    ``max_new_tokens`` None is the harness's reply length for ``mode``; ``system`` and ``sampling`` are
+    ``harness`` or their named alternatives (``none``: no system message; ``plain``: no top-k or top-p cut).
+
+    Attempt 1 samples every question at temperature 0.01; each later attempt (up to 3) asks the
+    questions whose reply did not parse again, 0.15 hotter. A question keeps its first parsing reply,
+    else (revise mode) its first reply of which one pass parsed, else its last reply. Every rank sees
+    every reply, so all ranks agree on which questions are asked again.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"EQ-Bench sampling {sampling!r} is not one of {list(SAMPLINGS)}")
+    asked, version = questions.questions, questions.version
+    new_tokens = default_max_new_tokens(mode) if max_new_tokens is None else max_new_tokens
+    message = system_message(system, getattr(harness.tokenizer, "chat_template", None))
+    prompts = {
+        qid: chat_prompt(harness.tokenizer, question_prompt(q, mode, version), message) for qid, q in asked.items()
+    }
+    replies: dict[str, str] = {}  # the latest reply of each question
+    kept: dict[str, str] = {}  # the reply that parsed
+    partials: dict[str, str] = {}  # revise mode: the first reply of which one pass parsed
+    attempts: dict[str, int] = {}
+    pending = list(asked)
+    for attempt, temperature in enumerate(attempt_temperatures(), start=1):
+        if not pending:
+            break
+        texts = harness.runner.generate([prompts[qid] for qid in pending], new_tokens, temperature, sampling == "plain")
+        retry = []
+        for qid, text in zip(pending, texts):
+            replies[qid], attempts[qid] = text, attempt
+            if accepted(text, asked[qid], mode):
+                kept[qid] = text
+                continue
+            if partial(text, asked[qid], mode):
+                partials.setdefault(qid, text)
+            retry.append(qid)
+        pending = retry
+    final = {qid: kept.get(qid, partials.get(qid, replies[qid])) for qid in asked}
+    return EqBenchOutcome(questions, final, score_responses(final, asked, mode, version), attempts)
+
+
+class EqBench(Suite):
+    """The ``eqbench`` suite: the questions of ``eval.eqbench_questions`` asked and scored as the reference
+    harness does (``eval.eqbench_mode``, ``eval.eqbench_max_new_tokens``, ``eval.eqbench_system_message``,
+    ``eval.eqbench_sampling``); the report gives its 0-100 score and parseable count."""
+
+    name = "eqbench"
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        for key, choices in (
+            ("eqbench_mode", MODES),
+            ("eqbench_system_message", SYSTEM_MESSAGES),
+            ("eqbench_sampling", SAMPLINGS),
+        ):
+            if getattr(settings, key) not in choices:
+                raise DataError(f"config key eval.{key}: {getattr(settings, key)!r} is not one of {list(choices)}")
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.require("eqbench_questions")
+
+    def load(self, source: Source, loaded: Mapping[str, Any]) -> EqBenchQuestions:
+        return eqbench_questions(self.settings.eqbench_questions, self.settings.limit)
+
+    def count(self, items: EqBenchQuestions) -> int:
+        return len(items.questions)
+
+    def run(self, harness: Harness, items: EqBenchQuestions, done: Mapping[str, Any]) -> EqBenchOutcome:
+        s = self.settings
+        mode = s.eqbench_mode
+        return ask(harness, items, s.eqbench_max_new_tokens, mode, s.eqbench_system_message, s.eqbench_sampling)
+
+    def report(self, outcome: EqBenchOutcome, rows: list[Row], report: Report) -> None:
+        result, asked, available = outcome.result, outcome.result.n_questions, outcome.questions.available
+        name = f"EQ-Bench {result.version}"
+        coverage = (
+            f"first {asked} of {available} questions (eval.limit)" if asked < available else f"all {asked} questions"
+        )
+        mode = result.mode.replace("_", "-")
+        parse_note = f"{result.parseable} of {asked} parseable ({result.chosen_pass.replace('_', ' ')}, {mode} mode)"
+        failed = " FAILED: under 83.33% parseable, the reference harness records no score" if result.failed else ""
+        score = None if result.failed else result.benchmark_score
+        report.add(name, "score", score, asked, f"{parse_note}; {coverage}{failed}")
+        report.add(name, "parseable", result.parseable, asked, parse_note)
+        unparseable = list(result.unparseable_ids)
+        shown = ", ".join(unparseable[:30]) + (f", ... ({len(unparseable)} in all)" if len(unparseable) > 30 else "")
+        retried = sum(n > 1 for n in outcome.attempts.values())
+        report.tables["eqbench"] = Table(
+            name,
+            ["measure", "value"],
+            [
+                ["score", result.benchmark_score],
+                ["failed (under 83.33% parseable)", "yes" if result.failed else "no"],
+                ["mode", mode],
+                ["first pass score", round(result.first_pass_score, 2)],
+                ["revised score", round(result.revised_score, 2)],
+                ["chosen pass", result.chosen_pass],
+                ["parseable (chosen pass)", f"{result.parseable} of {asked}"],
+                ["parseable (first pass)", f"{result.first_pass_parseable} of {asked}"],
+                ["parseable (revised)", f"{result.revised_parseable} of {asked}"],
+                ["questions asked again (up to 3 attempts)", retried],
+                ["questions asked", f"{coverage} in {outcome.questions.path}"],
+                ["unparseable question ids", shown or "none"],
+            ],
+            note="Replies sampled at temperature 0.01 through the chat template (unparseable ones asked again, "
+            "0.15 hotter, up to 3 attempts), scored as the reference harness does (docs/evaluation.md).",
+        )
+        if result.parseable < asked:
+            report.notes.append(
+                f"{name}: {asked - result.parseable} of {asked} replies could not be parsed and score nothing"
+                + (" (with none parseable the benchmark score is 0)" if result.parseable == 0 else "")
+                + "; the replies are in eqbench_replies.json, and "
+                "`python -m moei_lightning.eval.eqbench eqbench_replies.json --questions ...` rescores them."
+            )
+
+    def outputs(self, outcome: EqBenchOutcome) -> dict[str, Any]:
+        mode, version = outcome.result.mode, outcome.questions.version
+        return {"eqbench_replies.json": results_file(outcome.replies, mode, version, outcome.attempts)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from moei_lightning.eval.items import ChoiceItem
+from moei_lightning.eval.suite import ChoiceItem
 
 SUITE = "mmlu"
 DIMENSIONS = ("knowledge", "reasoning", "commonsense", "reading")

@@ -135,6 +135,11 @@ def metric_name(label: str) -> str:
     return "/".join(re.sub(r"[^0-9a-z]+", "_", part.lower()).strip("_") for part in label.split("/"))
 
 
+def plural(count: int, word: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{count} {word}{'s' * (count != 1)}"
+
+
 def format_value(value: Value) -> str:
     """Numbers for reading: two decimals, three below 1 (inter gates live in [0, 1]); missing values as n/a."""
     if value is None:

@@ -1,7 +1,7 @@
 """The one scorer of EiBench-style records: per-item outcomes -> rows per task, aspect and domain, in percent.
 
 Validation metrics (:class:`~moei_lightning.callbacks.EiMetricsCallback`), the ``test`` evaluation
-(:class:`~moei_lightning.eval.callback.PaperEvaluation`) and the report all take their EI/GI numbers
+(:class:`~moei_lightning.callbacks.PaperEvaluation`) and the report all take their EI/GI numbers
 from :func:`score_rows`, so one run shows one set of numbers wherever it is read.
 
 - Choice records: ``acc`` (the choice with the highest summed log-likelihood) and ``acc_norm`` (per
@@ -27,14 +27,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, EiRecord, Encoder
-from moei_lightning.eval.harness import ChoiceOutcome, Harness, OpenOutcome, Results
-from moei_lightning.eval.report import ALL, metric_key
-from moei_lightning.eval.suites import CHOICE_METRICS, Item, primary_metric, record_language
+from moei_lightning.eval.harness import Harness
+from moei_lightning.eval.report import ALL, STAGE, Report, metric_key
+from moei_lightning.eval.suite import (
+    CHOICE_METRICS,
+    ChoiceOutcome,
+    Item,
+    OpenOutcome,
+    Row,
+    primary_metric,
+    record_item,
+)
 from moei_lightning.eval.text_metrics import GENERATION_KEYS, score_generations
 from moei_lightning.ranks import Gather, all_gather
 from moei_lightning.runner import ModelRunner
 
-Row = dict[str, Any]
 _ORDER = {"ei": EI_ASPECTS, "gi": GI_ASPECTS}
 
 
@@ -152,17 +159,7 @@ def row_key(stage: str, row: Row) -> str:
 
 def record_items(records: Sequence[EiRecord]) -> list[Item]:
     """EiBench-style records as items of the ``eibench`` (EI) or ``gi`` suite; choice records carry their answer."""
-    return [
-        Item(
-            "eibench" if r.domain == "ei" else "gi",
-            r.task,
-            r.aspect,
-            record_language(r),
-            r,
-            r.choices.index(r.output) if r.choices else None,
-        )
-        for r in records
-    ]
+    return [record_item(r, "eibench" if r.domain == "ei" else "gi") for r in records]
 
 
 def choice_accuracy_rows(
@@ -193,7 +190,56 @@ def choice_accuracy_rows(
     training = module.model.training
     module.model.eval()  # no adapter dropout while scoring, whatever the caller was doing
     try:
-        outcomes = harness.choices(record_items(records), "choices", Results())
+        outcomes = harness.choices(record_items(records), "choices")
     finally:
         module.model.train(training)
     return score_rows(outcomes, [])
+
+
+CHOICE_NOTE = (
+    "acc: the choice with the highest summed log-likelihood; acc_norm: the highest log-likelihood per character "
+    "(lm-evaluation-harness's two accuracies)."
+)
+
+
+class DomainRows:
+    """The scorer's rows of one domain, looked up by (aspect, task, metric), for the report's tables."""
+
+    def __init__(self, rows: list[Row], domain: str) -> None:
+        self.domain = domain
+        self.rows = [r for r in rows if r["domain"] == domain]
+        self._index = {(r["aspect"], r["task"], r["metric"]): r for r in self.rows}
+
+    def value(self, aspect: str, task: str, metric: str) -> float | None:
+        row = self._index.get((aspect, task, metric))
+        return None if row is None else row["value"]
+
+    def n(self, aspect: str, task: str, metric: str) -> int:
+        row = self._index.get((aspect, task, metric))
+        return 0 if row is None else row["n"]
+
+    def key(self, aspect: str, task: str, metric: str) -> str:
+        """The key the row is logged under at ``test``."""
+        return metric_key(STAGE, self.domain, aspect, task, metric)
+
+    def aspects(self) -> list[str]:
+        return list(dict.fromkeys(r["aspect"] for r in self.rows if r["aspect"] != ALL))
+
+    def tasks(self, aspect: str) -> list[str]:
+        return list(dict.fromkeys(r["task"] for r in self.rows if r["aspect"] == aspect and r["task"] != ALL))
+
+    def add_domain_rows(self, report: Report, label: str, groups: str) -> None:
+        """The domain's summary rows: its average score, then both accuracies over its choice items."""
+        report.add(
+            label,
+            "average",
+            self.value(ALL, ALL, "avg"),
+            self.n(ALL, ALL, "avg"),
+            f"size-weighted mean of {len(self.aspects())} {groups}",
+            self.key(ALL, ALL, "avg"),
+        )
+        for metric, how in (("acc", "highest summed log-likelihood"), ("acc_norm", "per character")):
+            value = self.value(ALL, ALL, metric)
+            if value is not None:
+                n = self.n(ALL, ALL, metric)
+                report.add(label, metric, value, n, f"{n} choice items, {how}", self.key(ALL, ALL, metric))

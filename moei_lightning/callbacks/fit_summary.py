@@ -20,10 +20,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from moei_lightning.data import EiRecord
-from moei_lightning.eval.harness import Harness, Results
+from moei_lightning.eval.harness import Harness
 from moei_lightning.eval.report import ALL, metric_key
 from moei_lightning.eval.scorer import record_items, score_rows
-from moei_lightning.eval.suites import CHOICE_METRICS, primary_metric
+from moei_lightning.eval.suite import CHOICE_METRICS, primary_metric
 from moei_lightning.sharding import root_parameters_gathered
 
 AVG = "avg"
@@ -44,7 +44,7 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
     per domain and ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
-    outcomes = harness.choices(record_items(choice), "summary", Results())
+    outcomes = harness.choices(record_items(choice), "summary")
     rows = score_rows(outcomes, [])
     gates = harness.gates(choice)
     gate_values: dict[str, list[float]] = {"ei": [], "gi": []}
