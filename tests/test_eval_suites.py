@@ -1,5 +1,6 @@
 """Evaluation inputs: suite loading, config errors that name the key, quick-run limits, EmotionPrompt variants."""
 
+import ast
 import json
 import types
 from dataclasses import replace
@@ -212,3 +213,17 @@ def test_a_new_suite_is_one_module_and_one_registry_entry(tmp_path: Path, monkey
         assert rows[f"test/ei_validation/{metric}"][:4] == ["EI validation", metric, 100 * right / len(mine), len(mine)]
         assert report["metrics"][f"test/ei_validation/{metric}"] == pytest.approx(100 * right / len(mine))
     assert "test/gi/avg" in report["metrics"]  # the shipped suites report beside it
+
+
+def test_eval_imports_neither_lightning_nor_callbacks() -> None:
+    """The evaluation is plain Python over a model runner; its Lightning side lives in callbacks/."""
+    for path in (REPO / "moei_lightning" / "eval").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("lightning", "pytorch_lightning", "moei_lightning.callbacks")), (path, name)

@@ -133,7 +133,4 @@ class EiBench(Suite):
             }
             for o in outcomes.open
         ]
-        files: dict[str, Any] = {"choices.jsonl": [o.line(self.name) for o in outcomes.choice]}
-        if generations:
-            files["generations.jsonl"] = generations
-        return files
+        return {"choices.jsonl": [o.line(self.name) for o in outcomes.choice], "generations.jsonl": generations}

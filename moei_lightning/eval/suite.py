@@ -248,7 +248,7 @@ class Suite:
 
     def outputs(self, outcomes: Any) -> dict[str, list[dict[str, Any]] | dict[str, Any]]:
         """Raw outputs to write beside the report, by file name: a list of lines (JSONL) or one JSON object.
-        Suites that name the same JSONL file share it, in suite order."""
+        Suites that name the same JSONL file share it, in suite order; a file with no lines is not written."""
         return {}
 
 
