@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moei_lightning.data import DEFAULT_TEMPLATE, DataError, PromptFormatter
-from moei_lightning.data.records import read_lines
+from moei_lightning.data.jsonl import read_lines
 from moei_lightning.eval.scoring import generate_texts
 from moei_lightning.pretrained import Pretrained, from_pretrained
 
