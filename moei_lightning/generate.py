@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moei_lightning.data import DEFAULT_TEMPLATE, DataError, PromptFormatter
-from moei_lightning.data.records import read_lines
+from moei_lightning.data.jsonl import read_lines
 from moei_lightning.pretrained import Pretrained, export_parser, from_pretrained
 from moei_lightning.runner import generate_texts
 
