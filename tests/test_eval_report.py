@@ -86,6 +86,8 @@ def test_summary_numbers() -> None:
     assert scores["GI/knowledge"] == pytest.approx(75.0)
     assert scores["GI/reasoning"] == pytest.approx(0.0)
     assert scores["GI/average"] == pytest.approx(37.5)
+    assert scores["GI/MMLU"] == 0.0  # lm-eval's mmlu group over the one MMLU subject asked
+    assert report.metrics["gi/mmlu"] == 0.0
     assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the parseable replies are perfect
     assert scores["EQ-Bench v2/parseable"] == 5
     assert scores["EmoBench/EU en"] == pytest.approx(50.0)

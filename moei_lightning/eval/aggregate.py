@@ -5,6 +5,7 @@ How each number is made (docs/evaluation.md says the same for users):
 - EiBench and GI: the rows of :func:`moei_lightning.eval.scorer.score_rows`, the same numbers the
   ``test`` run logs (acc_norm accuracy; BLEU-4, ROUGE-L, Distinct-1/2 in percent; a task scores its
   accuracy or ROUGE-L, an aspect or dimension the mean of its tasks, the averages the mean of those).
+- MMLU: lm-eval's ``mmlu`` group score over the MMLU subjects asked (:mod:`moei_lightning.eval.mmlu`).
 - EmoBench: accuracy per task, language and category and Overall per language, as its reference
   reports it (EU right only when emotion and cause both are); no pooled average.
 - EQ-Bench: the benchmark's own 0-100 score, rounded to 2 decimals as the reference harness rounds it;
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
+from moei_lightning.eval import mmlu
 from moei_lightning.eval.emobench import OVERALL, EmoBenchOutcome
 from moei_lightning.eval.emobench import accuracy_rows as emobench_accuracy_rows
 from moei_lightning.eval.harness import ChoiceOutcome, Results
@@ -54,6 +56,7 @@ def build_report(
         _eibench(rows, report)
     if "gi" in names:
         _gi(results.gi, rows, report)
+        _mmlu(results.gi, report)
     if "eqbench" in names and results.eqbench is not None:
         _eqbench(results, report)
     if "emobench" in names:
@@ -160,7 +163,8 @@ def _gi(outcomes: list[ChoiceOutcome], rows: list[Row], report: Report) -> None:
         for dimension in gi.aspects()
         for task in gi.tasks(dimension)
     ]
-    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], table, note="acc_norm.")
+    note = "acc_norm; MMLU subjects: lm-eval's acc, the same answer with one-letter choices."
+    report.tables["gi"] = Table("GI tasks", ["task", "dimension", "source", "n", "accuracy"], table, note=note)
     for dimension in gi.aspects():
         count = len(gi.tasks(dimension))
         tasks = f"{count} task{'s' * (count != 1)}"
@@ -170,6 +174,15 @@ def _gi(outcomes: list[ChoiceOutcome], rows: list[Row], report: Report) -> None:
     report.summary.rows.append(
         ["GI", "average", gi.value(ALL, ALL, "avg"), len(outcomes), f"mean of {n_dimensions} dimensions"]
     )
+
+
+def _mmlu(outcomes: list[ChoiceOutcome], report: Report) -> None:
+    """lm-eval's ``mmlu`` group score over the MMLU subjects asked (none asked: no row)."""
+    subjects = mmlu.subject_accuracies(outcomes)
+    if subjects:
+        n, count = sum(n for _, n in subjects.values()), len(subjects)
+        note = f"lm-eval's mmlu group: acc of {count} subject{'s' * (count != 1)}, mean weighted by size"
+        report.summary.rows.append(["GI", "MMLU", 100 * mmlu.group_accuracy(subjects), n, note])
 
 
 def _eqbench(results: Results, report: Report) -> None:

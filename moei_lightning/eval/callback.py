@@ -55,7 +55,9 @@ class PaperEvaluation(Callback):
         eibench: EiBench JSONL files or folders with the EI test records; None uses ``data.ei_test``.
         gi: GI JSONL files or folders (records with ``choices``); None uses ``data.gi_test``.
         gi_mmlu_csv: MMLU-style CSV files (question, A, B, C, D, answer) by GI dimension, e.g.
-            ``{knowledge: [mmlu/high_school_geography_test.csv]}``.
+            ``{knowledge: [mmlu/high_school_geography_test.csv]}``; asked and scored as lm-eval's ``mmlu``.
+        mmlu_num_fewshot: Solved examples before each MMLU question: the first N rows of the subject's
+            ``<subject>_dev.csv``, beside the file or in ``../dev/`` (lm-eval's ``--num_fewshot``).
         eqbench_questions: The EQ-Bench questions file (``eq_bench_v2_questions_171.json``; a
             60-question file is v1, as the reference harness decides, and is scored as v1).
         eqbench_mode: ``no_revise`` (one set of scores; the reference harness's default since v2.1)
@@ -86,6 +88,7 @@ class PaperEvaluation(Callback):
         eibench: Sequence[str] | None = None,
         gi: Sequence[str] | None = None,
         gi_mmlu_csv: Mapping[str, Sequence[str]] | None = None,
+        mmlu_num_fewshot: int = 0,
         eqbench_questions: str | None = None,
         eqbench_mode: str = DEFAULT_MODE,
         eqbench_max_new_tokens: int | None = None,
@@ -113,6 +116,8 @@ class PaperEvaluation(Callback):
         ):
             if not ok:
                 raise DataError(f"config key eval.{key}: expected a positive integer, got {value!r}")
+        if mmlu_num_fewshot < 0:
+            raise DataError(f"config key eval.mmlu_num_fewshot: expected 0 or more examples, got {mmlu_num_fewshot!r}")
         for suite, key, value in (
             ("eqbench", "eqbench_questions", eqbench_questions),
             ("emobench", "emobench_dir", emobench_dir),
@@ -142,6 +147,7 @@ class PaperEvaluation(Callback):
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.eibench, self.gi = eibench, gi
         self.gi_mmlu_csv = {k: [v] if isinstance(v, str) else list(v) for k, v in (gi_mmlu_csv or {}).items()}
+        self.mmlu_num_fewshot = mmlu_num_fewshot
         self.eqbench_questions = eqbench_questions
         self.eqbench_max_new_tokens = eqbench_max_new_tokens
         self.eqbench_system_message, self.eqbench_sampling = eqbench_system_message, eqbench_sampling
@@ -180,7 +186,7 @@ class PaperEvaluation(Callback):
             inputs.eibench = limit_items(eibench_items(paths, key), self.limit)
         if "gi" in self.names:
             paths, key = self._paths(self.gi, "gi", datamodule, "gi_test")
-            inputs.gi = limit_items(gi_items(paths, key, self.gi_mmlu_csv), self.limit)
+            inputs.gi = limit_items(gi_items(paths, key, self.gi_mmlu_csv, self.mmlu_num_fewshot), self.limit)
         if "eqbench" in self.names:
             inputs.eqbench = eqbench_questions(self.eqbench_questions, self.limit)
         if "emobench" in self.names:
@@ -239,6 +245,7 @@ class PaperEvaluation(Callback):
                 "eibench": self._paths(self.eibench, "eibench", data, "ei_test")[0],
                 "gi": self._paths(self.gi, "gi", data, "gi_test")[0],
                 "gi_mmlu_csv": self.gi_mmlu_csv,
+                "mmlu_num_fewshot": self.mmlu_num_fewshot,
                 "eqbench_questions": self.eqbench_questions,
                 "eqbench_mode": self.eqbench_mode,
                 "eqbench_max_new_tokens": self.eqbench_max_new_tokens,

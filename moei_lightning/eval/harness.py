@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from moei_lightning.data import EiRecord, Encoder
+from moei_lightning.data import Encoder
 from moei_lightning.eval import emobench as emobench_suite
+from moei_lightning.eval import mmlu
 from moei_lightning.eval.choices import ChoiceScores, choice_examples, group_choices
 from moei_lightning.eval.emobench import EmoBenchItem, EmoBenchOutcome
 from moei_lightning.eval.emotion_prompt import probe_items
@@ -106,6 +107,7 @@ class Harness:
 
     def __init__(self, runner: ModelRunner, encoder: Encoder) -> None:
         self.runner, self.encoder = runner, encoder
+        self.mmlu_encoder = mmlu.prompt_encoder(encoder)
         self.tokenizer = runner.tokenizer
 
     @classmethod
@@ -153,10 +155,10 @@ class Harness:
             )
         if "emotion_prompt" in inputs.names:
             step("emotion_prompt", len(inputs.gi) * (1 + len(inputs.stimuli)))
-            for outcome, gate in zip(results.gi, self.gates([o.item.record for o in results.gi])):
+            for outcome, gate in zip(results.gi, self.gates([o.item for o in results.gi])):
                 outcome.gate = gate
             variants = self.choices(probe_items(inputs.gi, inputs.stimuli), "emotion_prompt", results)
-            for outcome, gate in zip(variants, self.gates([o.item.record for o in variants])):
+            for outcome, gate in zip(variants, self.gates([o.item for o in variants])):
                 outcome.gate = gate
             results.emotion_prompt = variants
         if progress is not None:
@@ -166,8 +168,11 @@ class Harness:
     def choices(self, items: list[Item], suite: str, results: Results) -> list[ChoiceOutcome]:
         """acc_norm scores of every item; truncated prompts are counted in ``results``."""
         records = [item.record for item in items]
-        examples, report = choice_examples(self.encoder, records)
-        results.truncated[suite] += report.truncated
+        examples = []
+        for item in items:
+            asked, report = choice_examples(self.encoder_for(item), [item.record])
+            examples += asked
+            results.truncated[suite] += report.truncated
         results.scored[suite] += len(examples)
         pairs = self.runner.loglikelihoods(examples)
         scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
@@ -246,9 +251,14 @@ class Harness:
             at += len(qs)
         return outcomes
 
-    def gates(self, records: list[EiRecord]) -> list[float | None]:
-        """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""
-        return self.runner.gates([self.encoder.formatter.format(record) for record in records])
+    def encoder_for(self, item: Item) -> Encoder:
+        """How an item is prompted and tokenised: MMLU as lm-eval's ``mmlu`` (:func:`mmlu.prompt_encoder`),
+        everything else as in training."""
+        return self.mmlu_encoder if item.source == mmlu.SUITE else self.encoder
+
+    def gates(self, items: list[Item]) -> list[float | None]:
+        """Mean inter gate over the real prompt tokens of each item, averaged over adapted layers."""
+        return self.runner.gates([self.encoder_for(item).formatter.format(item.record) for item in items])
 
 
 def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:

@@ -1,11 +1,12 @@
 """The evaluation suites and where their items come from.
 
 Every multiple-choice or open item becomes an :class:`Item` whose ``record`` is an EiBench record, so
-the model sees it formatted exactly like its training data (``data.prompt_template``, chat template).
+the model sees it formatted exactly like its training data (``data.prompt_template``, chat template);
+MMLU items are the exception, asked as lm-evaluation-harness's ``mmlu`` asks them (:mod:`.mmlu`).
 
 - ``eibench``: EI test records (EiBench JSONL); choice tasks by log-likelihood, open tasks by greedy
   generation. Grouped by aspect (perception, cognition, expression).
-- ``gi``: GI records (EiBench JSONL with ``choices``) and MMLU-style CSV files, by log-likelihood.
+- ``gi``: GI records (EiBench JSONL with ``choices``) and MMLU CSV files, by log-likelihood.
   Grouped by dimension (knowledge, reasoning, commonsense, reading).
 - ``eqbench``: EQ-Bench questions (v2, or v1), asked and scored as the reference harness does
   (:mod:`moei_lightning.eval.eqbench`; ``eval.eqbench_mode``).
@@ -116,8 +117,11 @@ def eibench_items(paths: Sequence[str], key: str) -> list[Item]:
     return items
 
 
-def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str]]) -> list[Item]:
-    """GI multiple choice: EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension."""
+def gi_items(
+    paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str]], mmlu_num_fewshot: int = 0
+) -> list[Item]:
+    """GI multiple choice: EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension,
+    prompted as lm-eval's ``mmlu`` with ``mmlu_num_fewshot`` dev examples (:mod:`moei_lightning.eval.mmlu`)."""
     items = []
     for record in _records(paths, key, "gi"):
         if not record.choices:
@@ -135,9 +139,10 @@ def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str
         for path in [files] if isinstance(files, str) else files:
             _require_file(path, "eval.gi_mmlu_csv")
             try:
-                loaded = load_mmlu_csv(path, dimension)
+                loaded = load_mmlu_csv(path, dimension, mmlu_num_fewshot)
             except ValueError as err:
-                raise DataError(f"{err} (file from config key eval.gi_mmlu_csv)") from err
+                shots = f"; eval.mmlu_num_fewshot: {mmlu_num_fewshot}" if mmlu_num_fewshot else ""
+                raise DataError(f"{err} (file from config key eval.gi_mmlu_csv{shots})") from err
             items += [from_choice_item(item, "gi") for item in loaded]
     return items
 
