@@ -14,7 +14,6 @@ prompt. Each output line is the input object (``{"prompt": LINE}`` for a plain l
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moei_lightning.data import DEFAULT_TEMPLATE, DataError, PromptFormatter
-from moei_lightning.data.records import read_lines
-from moei_lightning.pretrained import Pretrained, from_pretrained
+from moei_lightning.data.jsonl import read_lines
+from moei_lightning.pretrained import Pretrained, export_parser, from_pretrained
 from moei_lightning.runner import generate_texts
 
 
@@ -86,14 +85,12 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moei_lightning generate", description=DESCRIPTION)
-    parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
+    parser = export_parser("python -m moei_lightning generate", DESCRIPTION)
     parser.add_argument("--prompts", required=True, help="a file of prompts, one per line, or - for standard input")
     parser.add_argument("--output", default="-", help="where the JSONL goes (default: standard output)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="reply length in tokens (default: 64)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
     parser.add_argument(
         "--trust_remote_code",
         action="store_true",

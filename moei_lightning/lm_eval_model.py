@@ -16,7 +16,6 @@ and writes its results JSON under ``--output_path``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from moei_lightning.data import IGNORE_INDEX
-from moei_lightning.pretrained import from_pretrained, read_export_info
+from moei_lightning.pretrained import export_parser, from_pretrained, read_export_info
 from moei_lightning.runner import label_logprobs, routed_logits
 
 try:
@@ -121,13 +120,11 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse this command's own options, then run lm-eval's ``run`` with ``--model moei`` and the rest."""
-    parser = argparse.ArgumentParser(
-        prog="python -m moei_lightning lm-eval",
-        description=__doc__.splitlines()[0],
-        epilog="Every other option goes to lm-eval's `run` (`lm-eval run --help`), --trust_remote_code included.",
+    parser = export_parser(
+        "python -m moei_lightning lm-eval",
+        __doc__.splitlines()[0],
+        "Every other option goes to lm-eval's `run` (`lm-eval run --help`), --trust_remote_code included.",
     )
-    parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
-    parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
     parser.add_argument(
         "--backbone_only",
         action="store_true",

@@ -19,6 +19,7 @@ another format are never picked up.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +48,15 @@ class Pretrained:
     tokenizer: Any
     kind: Kind
     prompt: dict[str, Any] = field(default_factory=dict)
+
+
+def export_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A command-line parser for a tool that loads an export: ``--adapter DIR`` and ``--backbone``, as every such tool
+    names them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--adapter", required=True, help="a directory written by `python -m moei_lightning export`")
+    parser.add_argument("--backbone", default=None, help="where the backbone is now, if not where training found it")
+    return parser
 
 
 def read_export_info(directory: str | Path) -> dict[str, Any]:

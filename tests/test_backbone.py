@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, T5Config
 
-from moei_lightning import backbone
 from moei_lightning.backbone import (
     BackboneConfig,
     load_backbone,
     load_tokenizer,
     resolve_kind,
 )
+from moei_lightning.backbone.tokenizer_training import trained_spm_dir
 from tests.conftest import REPO, preset_digest, state_digest
 
 PRESET_KINDS = {"tiny-llama": "causal", "tiny-t5": "seq2seq"}
@@ -71,6 +71,20 @@ def test_preset_weights_identical_across_concurrent_processes(tmp_path):
     cfg = BackboneConfig(name_or_path="tiny-llama")  # this process, with its own tokenizer cache
     assert digests == {preset_digest(load_backbone(cfg), load_tokenizer(cfg))}
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_loading_a_saved_backbone_imports_neither_lightning_nor_the_data_package():
+    """The data package (and Lightning with it) is imported only to train a built preset's tokenizer."""
+    script = (
+        "import sys\n"
+        "import moei_lightning.backbone, moei_lightning.pretrained\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning' or m == 'moei_lightning.data'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def test_resolve_kind():
@@ -130,13 +144,13 @@ def test_llama_chat_template_matches_llama2_chat_format():
 def test_tokenizer_training_is_cached_and_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEI_CACHE", str(tmp_path / "a"))
     start = time.perf_counter()
-    first = backbone._trained_spm_dir("tiny-llama") / "tokenizer.model"
+    first = trained_spm_dir("tiny-llama") / "tokenizer.model"
     assert time.perf_counter() - start < 2.0
     mtime = first.stat().st_mtime_ns
-    assert backbone._trained_spm_dir("tiny-llama") / "tokenizer.model" == first
+    assert trained_spm_dir("tiny-llama") / "tokenizer.model" == first
     assert first.stat().st_mtime_ns == mtime  # reused, not retrained
     monkeypatch.setenv("MOEI_CACHE", str(tmp_path / "b"))
-    second = backbone._trained_spm_dir("tiny-llama") / "tokenizer.model"
+    second = trained_spm_dir("tiny-llama") / "tokenizer.model"
     assert second != first
     assert second.read_bytes() == first.read_bytes()
 

@@ -1,6 +1,7 @@
 """The data package: record validation, bundled samples, prompts, tokenisation, mixing and sharding."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +10,9 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+import moei_lightning.data
 from moei_lightning.backbone import BackboneConfig, load_tokenizer
+from moei_lightning.backbone.tokenizer_training import tokenizer_corpus
 from moei_lightning.data import (
     EI_ASPECTS,
     GI_ASPECTS,
@@ -23,8 +26,10 @@ from moei_lightning.data import (
     MixedBatchSampler,
     MoEIDataModule,
     PromptFormatter,
+    load_prompts,
     load_records,
 )
+from moei_lightning.data.sources import load_source_records
 
 GOOD = {
     "id": "r1",
@@ -109,6 +114,40 @@ def test_records_from_folder_defaults_and_missing_paths(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match=r"folder has no \*\.jsonl files"):
         load_records([empty])
+
+
+def _corpus_of(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setattr(moei_lightning.data, "SAMPLES_DIR", path.parents[1])  # the corpus reads <samples>/*/*.jsonl
+    return tokenizer_corpus()
+
+
+JSONL_READERS = {
+    "records": lambda path, _: load_records([path]),
+    "prompts": lambda path, _: load_prompts([path]),
+    "mapped source": lambda path, _: load_source_records(
+        [str(path)], key="ei_train", domain="ei", split="train", columns={"output": "label"}
+    ),
+    "preset tokenizer corpus": _corpus_of,
+}
+
+
+@pytest.mark.parametrize("reader", JSONL_READERS)
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"a": 1}\n\n{"a": \n', ":3: malformed JSON (Expecting value at column 7); each line must be one object"),
+        (b'{"a": 1}\r\n[1, 2]\r\n', ":2: expected a JSON object, got list"),
+        (b"\n  \n", ": the file is empty (no JSON object on any line); fill it or remove it from the list"),
+        ('{"input": "café"}\n'.encode("latin-1"), ": not valid UTF-8 ("),
+    ],
+    ids=["malformed", "not an object", "empty", "latin-1"],
+)
+def test_every_jsonl_reader_names_the_file_and_line(tmp_path, monkeypatch, reader, content, expected):
+    path = tmp_path / "samples" / "ei" / "data.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}{expected}")):
+        JSONL_READERS[reader](path, monkeypatch)
 
 
 # --- bundled samples -------------------------------------------------------------------------------

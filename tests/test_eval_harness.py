@@ -108,14 +108,14 @@ def test_two_ranks_make_the_same_calls_and_get_the_one_process_results(preset: s
 
 
 def test_gates_are_read_per_prompt_one_without_an_inter_gate_and_absent_without_adapters() -> None:
-    records = [i.record for i in small_inputs()[1]["gi"]]
-    gates = tiny_harness("tiny-llama").gates(records)
+    items = small_inputs()[1]["gi"]
+    gates = tiny_harness("tiny-llama").gates(items)
     assert all(0 < g < 1 for g in gates)
     assert len(set(gates)) > 1  # each prompt has its own mean, padding excluded
-    alone = tiny_harness("tiny-llama").gates(records[:1])  # no padding at all
+    alone = tiny_harness("tiny-llama").gates(items[:1])  # no padding at all
     assert alone[0] == pytest.approx(gates[0], abs=1e-5)
-    assert tiny_harness("tiny-llama", adapter="lora").gates(records) == [1.0] * len(records)  # adapters always on
-    assert tiny_harness("tiny-llama", adapter="full").gates(records) == [None] * len(records)
+    assert tiny_harness("tiny-llama", adapter="lora").gates(items) == [1.0] * len(items)  # adapters always on
+    assert tiny_harness("tiny-llama", adapter="full").gates(items) == [None] * len(items)
 
 
 def test_eqbench_prompts_go_through_the_chat_template(shared_data: Path) -> None:

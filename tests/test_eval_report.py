@@ -136,6 +136,8 @@ def test_summary_numbers() -> None:
     assert scores["GI/knowledge"] == pytest.approx(75.0)
     assert scores["GI/reasoning"] == pytest.approx(0.0)
     assert scores["GI/average"] == pytest.approx(50.0)  # 3 of 6 GI items
+    assert scores["GI/MMLU"] == 0.0  # lm-eval's mmlu group over the one MMLU subject asked
+    assert report.metrics["test/gi/mmlu"] == 0.0
     assert scores["EQ-Bench v2/score"] == pytest.approx(100.0)  # the parseable replies are perfect
     assert scores["EQ-Bench v2/parseable"] == 5
     assert scores["EmoBench/EU en"] == pytest.approx(50.0)
@@ -229,6 +231,7 @@ def test_report_keys_are_the_logged_keys(tmp_path: Path) -> None:
     rows = score_rows(eibench.choice + outcomes["gi"], eibench.open)
     logged = {row_key("test", r): r["value"] for r in rows}
     ei_gi = {key: value for key, value in metrics.items() if key.startswith(("test/ei/", "test/gi/"))}
+    assert ei_gi.pop("test/gi/mmlu") == 0.0  # lm-eval's mmlu group score: the report's own, logged by the callback
     assert ei_gi == {key: logged[key] for key in ei_gi}  # every EI/GI summary number under its logged key
     assert set(ei_gi) == {
         *(f"test/ei/{aspect}/score" for aspect in ("perception", "expression")),

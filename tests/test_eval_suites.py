@@ -83,7 +83,7 @@ def test_gi_items_from_jsonl_and_mmlu_csv(tmp_path: Path) -> None:
     items = gi_items([GI_TEST], "data.gi_test", {"knowledge": [str(csv)]})
     mmlu = [i for i in items if i.source == "mmlu"]
     assert len(mmlu) == 1 and mmlu[0].task == "astronomy" and mmlu[0].group == "knowledge"
-    assert mmlu[0].record.output == "Mars" and mmlu[0].answer == 1
+    assert mmlu[0].record.output == "B" and mmlu[0].answer == 1  # the letters are the choices, as in lm-eval
     assert len(items) == 1 + len(Path(GI_TEST).read_text(encoding="utf-8").splitlines())
 
 
@@ -108,6 +108,11 @@ def test_mmlu_csv_errors_name_the_config_key(tmp_path: Path) -> None:
         gi_items([], "eval.gi", {"reasoning": [str(csv)]})
     with pytest.raises(FileNotFoundError, match=r"eval.gi_mmlu_csv: file .*missing.csv not found"):
         gi_items([], "eval.gi", {"reasoning": [str(tmp_path / "missing.csv")]})
+    csv.write_text("q,a,b,c,d,A\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"1-shot needs the subject's dev split.*gi_mmlu_csv; eval.mmlu_num_fewshot: 1"):
+        gi_items([], "eval.gi", {"reasoning": [str(csv)]}, mmlu_num_fewshot=1)
+    with pytest.raises(DataError, match=r"config key eval.mmlu_num_fewshot: expected 0 or more examples, got -1"):
+        PaperEvaluation(suites=["gi"], mmlu_num_fewshot=-1)
 
 
 def test_missing_benchmark_files_name_the_config_key(tmp_path: Path) -> None:

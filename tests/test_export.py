@@ -20,7 +20,9 @@ PROMPTS = ["How do you feel today?", "Name the emotion: I lost my keys again!"]
 
 
 def make_checkpoint(tmp_path: Path, adapter: str, preset: str = "tiny-llama") -> tuple[Path, MoEIModule]:
-    """A checkpoint as `fit` writes it (trainable tensors, hyperparameters), with non-zero random adapters."""
+    """A checkpoint as `fit` writes it (trainable tensors, hyperparameters), with non-zero random adapters; the same
+    adapters whichever tests ran before."""
+    torch.manual_seed(0)
     module = MoEIModule(
         backbone=BackboneConfig(name_or_path=preset),
         adapter=adapter,

@@ -78,7 +78,7 @@ def test_lora_scores_as_hflm_on_the_merged_model(preset: str, tmp_path: Path) ->
     ours, theirs = MoEILM(adapter=str(adapter), batch_size=4), HFLM(pretrained=str(merged), device="cpu", batch_size=4)
     (our_metrics, our_logprobs), (their_metrics, their_logprobs) = evaluate(ours, tasks), evaluate(theirs, tasks)
     assert our_metrics == their_metrics == {"tiny-llama": {"acc": 1 / 6, "acc_norm": 1 / 6},
-                                            "tiny-t5": {"acc": 2 / 6, "acc_norm": 2 / 6}}[preset]  # fmt: skip
+                                            "tiny-t5": {"acc": 2 / 6, "acc_norm": 1 / 6}}[preset]  # fmt: skip
     assert max_difference(our_logprobs, their_logprobs) < 1e-4  # measured: 7.6e-6 to 1.5e-5 (merged float32 weights)
     assert len(our_logprobs) == 6 and all(len(row) == 4 for row in our_logprobs)
     documents = [Instance("loglikelihood_rolling", {}, (f"{q} {c[a]}.",), i) for i, (q, c, a) in enumerate(QUESTIONS)]
@@ -106,7 +106,7 @@ def test_moei_scores_as_the_projects_scorer_routed_from_the_context(tmp_path: Pa
         "acc_norm": sum(s.predicted == q[2] for s, q in zip(scores, QUESTIONS)) / 6,
     }
     ours, our_logprobs = evaluate(MoEILM(adapter=str(adapter), batch_size=3), tasks)
-    assert ours == expected == {"acc": 3 / 6, "acc_norm": 2 / 6}
+    assert ours == expected == {"acc": 2 / 6, "acc_norm": 2 / 6}
     assert max_difference(our_logprobs, [s.logprobs for s in scores]) < 1e-5  # measured: 1.9e-6
     # HFLM alone routes each request from its whole sequence, continuation included: other numbers
     _, whole_sequence = evaluate(HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=3), tasks)

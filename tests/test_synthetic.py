@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from moei_lightning import backbone
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer, resolve_kind
+from moei_lightning.backbone.tokenizer_training import tokenizer_corpus
 from moei_lightning.data import EI_ASPECTS, GI_ASPECTS, Encoder, PromptFormatter, load_records
 from moei_lightning.data.synthetic import EI_TASKS, SYNTHETIC_DIR, gi_corpus, write_splits
 from moei_lightning.eval.choices import choice_loglikelihoods
@@ -96,6 +97,6 @@ def test_missing_shipped_files_say_how_to_rebuild(tmp_path, monkeypatch):
 
 
 def test_random_presets_tokenizer_corpus_ignores_the_synthetic_data():
-    corpus = set(backbone._tokenizer_corpus())
+    corpus = set(tokenizer_corpus())
     synthetic = load_records([SYNTHETIC_DIR / "ei" / "val.jsonl"])
     assert not any(record.input in corpus for record in synthetic)

@@ -44,9 +44,10 @@ def score_records(harness: Harness, records: Sequence[EiRecord]) -> dict[str, An
     per domain and ``counts_<domain>`` per aspect or dimension.
     """
     choice = [r for r in records if r.choices]
-    outcomes = harness.choices(record_items(choice), "summary")
+    items = record_items(choice)
+    outcomes = harness.choices(items, "summary")
     rows = score_rows(outcomes, [])
-    gates = harness.gates(choice)
+    gates = harness.gates(items)
     gate_values: dict[str, list[float]] = {"ei": [], "gi": []}
     for record, gate in zip(choice, gates):
         if gate is not None:

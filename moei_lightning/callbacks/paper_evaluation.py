@@ -45,7 +45,9 @@ class PaperEvaluation(Callback):
         eibench: EiBench JSONL files or folders with the EI test records; None uses ``data.ei_test``.
         gi: GI JSONL files or folders (records with ``choices``); None uses ``data.gi_test``.
         gi_mmlu_csv: MMLU-style CSV files (question, A, B, C, D, answer) by GI dimension, e.g.
-            ``{knowledge: [mmlu/high_school_geography_test.csv]}``.
+            ``{knowledge: [mmlu/high_school_geography_test.csv]}``; asked and scored as lm-eval's ``mmlu``.
+        mmlu_num_fewshot: Solved examples before each MMLU question: the first N rows of the subject's
+            ``<subject>_dev.csv``, beside the file or in ``../dev/`` (lm-eval's ``--num_fewshot``).
         eqbench_questions: The EQ-Bench questions file (``eq_bench_v2_questions_171.json``; a
             60-question file is v1, as the reference harness decides, and is scored as v1).
         eqbench_mode: ``no_revise`` (one set of scores; the reference harness's default since v2.1)
@@ -76,6 +78,7 @@ class PaperEvaluation(Callback):
         eibench: Sequence[str] | None = None,
         gi: Sequence[str] | None = None,
         gi_mmlu_csv: Mapping[str, Sequence[str]] | None = None,
+        mmlu_num_fewshot: int = 0,
         eqbench_questions: str | None = None,
         eqbench_mode: str = DEFAULT_MODE,
         eqbench_max_new_tokens: int | None = None,

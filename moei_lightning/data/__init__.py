@@ -3,8 +3,9 @@
 from moei_lightning.data.collate import Collator
 from moei_lightning.data.datamodule import SAMPLES_DIR, MoEIDataModule
 from moei_lightning.data.encode import IGNORE_INDEX, DataReport, Encoder, Example, Kind, strip_affixes
+from moei_lightning.data.errors import DataError
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter, render_choices
-from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, DataError, EiRecord, load_prompts, load_records
+from moei_lightning.data.records import ASPECTS, EI_ASPECTS, GI_ASPECTS, EiRecord, load_prompts, load_records
 from moei_lightning.data.sampling import EpochPermutation, EvalBatchSampler, MixedBatchSampler, gi_per_batch
 from moei_lightning.data.sources import DataSource
 

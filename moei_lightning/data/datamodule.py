@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from moei_lightning.data.collate import Collator
 from moei_lightning.data.encode import DataReport, Encoder, Example, Kind
+from moei_lightning.data.errors import DataError
 from moei_lightning.data.prompts import DEFAULT_TEMPLATE, PromptFormatter
-from moei_lightning.data.records import DataError, EiRecord, check_unique_ids, load_prompts
+from moei_lightning.data.records import EiRecord, check_unique_ids, load_prompts
 from moei_lightning.data.sampling import EvalBatchSampler, MixedBatchSampler
 from moei_lightning.data.sources import DataSource, load_source_records
 

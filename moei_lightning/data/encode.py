@@ -25,8 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from moei_lightning.data.errors import DataError
 from moei_lightning.data.prompts import PromptFormatter
-from moei_lightning.data.records import DataError, EiRecord
+from moei_lightning.data.records import EiRecord
 
 Kind = Literal["causal", "seq2seq"]
 IGNORE_INDEX = -100

@@ -16,7 +16,8 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from moei_lightning.data.records import DataError, EiRecord
+from moei_lightning.data.errors import DataError
+from moei_lightning.data.records import EiRecord
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}\n\nOptions:\n{choices}\n\nAnswer:"
 PLACEHOLDERS: tuple[str, ...] = ("instruction", "input", "choices")

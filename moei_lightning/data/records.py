@@ -6,16 +6,18 @@ One JSON object per line::
      "instruction": "...", "input": "...", "output": "...", "choices": ["...", "..."]}
 
 Every problem is reported as a :class:`DataError` that names ``file:line`` and the field, because a
-bad line in a 10k-line file is otherwise hard to find.
+bad line in a 10k-line file is otherwise hard to find; the lines are read by :mod:`.jsonl`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from moei_lightning.data.errors import DataError
+from moei_lightning.data.jsonl import read_jsonl, read_lines
 
 EI_ASPECTS: tuple[str, ...] = ("perception", "cognition", "expression")
 GI_ASPECTS: tuple[str, ...] = ("knowledge", "reasoning", "commonsense", "reading")
@@ -25,10 +27,6 @@ _REQUIRED_TEXT = ("task", "domain", "aspect", "instruction", "output")
 FIELDS: tuple[str, ...] = ("id", *_REQUIRED_TEXT, "input", "choices", "language")
 """The record's fields; ``task``, ``domain``, ``aspect``, ``instruction`` and ``output`` are required."""
 REQUIRED_FIELDS: tuple[str, ...] = _REQUIRED_TEXT
-
-
-class DataError(ValueError):
-    """Bad data or data configuration; the message says where and what to change."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +82,16 @@ def load_prompts(paths: Iterable[str | Path]) -> list[EiRecord]:
 
 
 def _read_prompts(file: Path) -> list[EiRecord]:
-    text = _read_text(file)
+    if file.suffix != ".jsonl":
+        lines = enumerate(read_lines(file), start=1)
+        return [
+            EiRecord(f"{file.stem}:{number}", "prompt", "ei", "", line.strip(), "", "", source=f"{file}:{number}")
+            for number, line in lines
+            if line.strip()
+        ]
     records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, obj in read_jsonl(file):
         where, default_id = f"{file}:{number}", f"{file.stem}:{number}"
-        if file.suffix != ".jsonl":
-            records.append(EiRecord(default_id, "prompt", "ei", "", line.strip(), "", "", source=where))
-            continue
-        obj = _object(line, where)
         unknown = sorted(set(obj) - set(FIELDS))
         if unknown:
             raise DataError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(FIELDS)}")
@@ -137,45 +135,8 @@ def _expand(paths: Iterable[str | Path], patterns: tuple[str, ...] = ("*.jsonl",
 
 
 def _read_file(file: Path) -> list[EiRecord]:
-    """The records of one file. A UTF-8 byte-order mark is skipped; lines end at ``\\n`` only (``\\r\\n`` too).
-
-    ``str.splitlines`` would also split at U+2028, U+0085 and other characters that JSON strings may
-    hold as they are, cutting a valid record in two.
-    """
-    text = _read_text(file)
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            records.append(_parse_line(line, f"{file}:{number}", f"{file.stem}:{number}"))
-    return records
-
-
-def read_lines(file: Path) -> list[str]:
-    """A text file's lines as the data readers take them: UTF-8 (a byte-order mark skipped), ended by ``\n`` only."""
-    return [line.removesuffix("\r") for line in _read_text(file).split("\n")]
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file}: not valid UTF-8 ({err}); save the file as UTF-8") from err
-
-
-def _object(line: str, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be one object"
-        ) from err
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _parse_line(line: str, where: str, default_stem_line: str) -> EiRecord:
-    return record_from_fields(_object(line, where), where, default_stem_line)
+    """The records of one JSON Lines file."""
+    return [record_from_fields(obj, f"{file}:{number}", f"{file.stem}:{number}") for number, obj in read_jsonl(file)]
 
 
 def record_from_fields(obj: dict[str, Any], where: str, default_stem_line: str) -> EiRecord:

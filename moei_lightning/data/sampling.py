@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import Sampler
 
-from moei_lightning.data.records import DataError
+from moei_lightning.data.errors import DataError
 
 
 def gi_per_batch(batch_size: int, gi_ratio: float) -> int:

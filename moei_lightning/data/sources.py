@@ -6,9 +6,10 @@ A :class:`DataSource` names where the rows are and how their columns map onto th
 ``aspect``). Every row becomes an :class:`EiRecord` through the same validation as a JSONL line, so
 an error names the source, the row and the column. Columns that no field maps to are ignored.
 
-JSON and JSON Lines are read here, which keeps exact line and row numbers. CSV, Parquet, Arrow
-files, ``Dataset.save_to_disk`` folders and ``load_dataset`` names go through the optional
-``datasets`` package, from local files or the local Hugging Face cache only: nothing is downloaded.
+JSON and JSON Lines are read here (lines by :mod:`.jsonl`), which keeps exact line and row numbers.
+CSV, Parquet, Arrow files, ``Dataset.save_to_disk`` folders and ``load_dataset`` names go through the
+optional ``datasets`` package, from local files or the local Hugging Face cache only: nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moei_lightning.data.errors import DataError
+from moei_lightning.data.jsonl import read_jsonl, read_text
 from moei_lightning.data.records import (
     FIELDS,
     REQUIRED_FIELDS,
-    DataError,
     EiRecord,
     check_unique_ids,
     load_records,
@@ -155,7 +157,7 @@ def _rows(spec: DataSource, where: str, split: str) -> tuple[Iterator[tuple[int,
         raise DataError(f"{where}: {path}: no such file or folder (resolved to {path.resolve()})")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_rows(path), str(path), path.stem, True
+        return iter(read_jsonl(path)), str(path), path.stem, True
     if suffix == ".json":
         rows, numbered = _json_rows(path)
         return rows, str(path), path.stem, numbered
@@ -168,35 +170,19 @@ def _rows(spec: DataSource, where: str, split: str) -> tuple[Iterator[tuple[int,
     )
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err}); save the file as UTF-8") from err
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if line.strip():
-            yield number, _decode(line, f"{path}:{number}", "each line must be one object")
-
-
 def _json_rows(path: Path) -> tuple[Iterator[tuple[int, Any]], bool]:
     """A JSON array (rows numbered from 0, as in the array), or JSON Lines saved as ``.json``."""
-    text = _read_text(path)
+    text = read_text(path)
     if not text.lstrip().startswith("["):
-        return _jsonl_rows(path), True
-    value = _decode(text, str(path), "a .json file holds one array of objects, or one object per line")
-    return iter(enumerate(value)), False
-
-
-def _decode(text: str, where: str, expected: str) -> Any:
+        return iter(read_jsonl(path)), True
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
-            f"{where}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno}); {expected}"
+            f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "a .json file holds one array of objects, or one object per line"
         ) from err
+    return iter(enumerate(value)), False
 
 
 def _dataset_rows(dataset: Any) -> Iterator[tuple[int, Any]]:

@@ -98,10 +98,10 @@ class EmotionPrompt(Suite):
 
     def run(self, harness: Harness, items: ProbeItems, done: Mapping[str, Any]) -> ProbeOutcomes:
         plain = done["gi"]
-        gates = harness.gates([o.item.record for o in plain])
+        gates = harness.gates([o.item for o in plain])
         plain = [dataclasses.replace(o, gate=gate) for o, gate in zip(plain, gates)]
         variants = harness.choices(items.variants, self.name)
-        for outcome, gate in zip(variants, harness.gates([o.item.record for o in variants])):
+        for outcome, gate in zip(variants, harness.gates([o.item for o in variants])):
             outcome.gate = gate
         return ProbeOutcomes(plain, variants)
 

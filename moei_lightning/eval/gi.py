@@ -1,8 +1,10 @@
 """The ``gi`` suite: GI multiple choice by log-likelihood, grouped by dimension (knowledge, reasoning,
-commonsense, reading): EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension.
+commonsense, reading): EiBench-format JSONL records with ``choices``, then MMLU CSV files by dimension,
+asked as lm-evaluation-harness's ``mmlu`` asks them (:mod:`moei_lightning.eval.mmlu`).
 
-A JSONL task scores its acc_norm, an MMLU task its acc (as lm-evaluation-harness's ``mmlu`` does); a
-dimension scores the size-weighted mean of its tasks, GI's average that of the dimensions.
+A JSONL task scores its acc_norm, an MMLU subject its acc (as lm-eval's ``mmlu`` does); a dimension
+scores the size-weighted mean of its tasks, GI's average that of the dimensions; the MMLU subjects
+asked also get lm-eval's ``mmlu`` group score.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moei_lightning.data import GI_ASPECTS, DataError
+from moei_lightning.eval import mmlu
 from moei_lightning.eval.harness import Harness
-from moei_lightning.eval.mmlu import load_mmlu_csv
 from moei_lightning.eval.report import ALL, Report, Table, plural
 from moei_lightning.eval.scorer import CHOICE_NOTE, DomainRows, score_rows
 from moei_lightning.eval.suite import (
@@ -33,8 +35,11 @@ from moei_lightning.eval.suite import (
 _SOURCES = {"gi": "GI JSONL", "mmlu": "MMLU CSV"}
 
 
-def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str]]) -> list[Item]:
-    """GI multiple choice: EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension."""
+def gi_items(
+    paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str]], mmlu_num_fewshot: int = 0
+) -> list[Item]:
+    """GI multiple choice: EiBench-format JSONL records with ``choices``, then MMLU-style CSV files by dimension,
+    prompted as lm-eval's ``mmlu`` with ``mmlu_num_fewshot`` dev examples (:mod:`moei_lightning.eval.mmlu`)."""
     items = []
     for record in domain_records(paths, key, "gi"):
         if not record.choices:
@@ -51,9 +56,10 @@ def gi_items(paths: Sequence[str], key: str, mmlu_csv: Mapping[str, Sequence[str
         for path in [files] if isinstance(files, str) else files:
             require_file(path, "eval.gi_mmlu_csv")
             try:
-                loaded = load_mmlu_csv(path, dimension)
+                loaded = mmlu.load_mmlu_csv(path, dimension, mmlu_num_fewshot)
             except ValueError as err:
-                raise DataError(f"{err} (file from config key eval.gi_mmlu_csv)") from err
+                shots = f"; eval.mmlu_num_fewshot: {mmlu_num_fewshot}" if mmlu_num_fewshot else ""
+                raise DataError(f"{err} (file from config key eval.gi_mmlu_csv{shots})") from err
             items += [from_choice_item(item, "gi") for item in loaded]
     return items
 
@@ -65,7 +71,8 @@ class Gi(Suite):
 
     def load(self, source: Source, loaded: Mapping[str, Any]) -> list[Item]:
         paths, key = source.paths(self.settings.gi, "gi", "gi_test")
-        return limit_items(gi_items(paths, key, self.settings.gi_mmlu_csv), self.settings.limit)
+        items = gi_items(paths, key, self.settings.gi_mmlu_csv, self.settings.mmlu_num_fewshot)
+        return limit_items(items, self.settings.limit)
 
     def run(self, harness: Harness, items: list[Item], done: Mapping[str, Any]) -> list[ChoiceOutcome]:
         return harness.choices(items, self.name)
@@ -93,7 +100,7 @@ class Gi(Suite):
             ["task", "dimension", "source", "n", *CHOICE_METRICS, "score"],
             table,
             note=f"{CHOICE_NOTE} score: the accuracy the task scores with, as lm-evaluation-harness reads its kind "
-            "of task (MMLU: acc).",
+            "of task; MMLU subjects: lm-eval's acc, the same answer as acc_norm with one-letter choices.",
         )
         for dimension in gi.aspects():
             tasks = gi.tasks(dimension)
@@ -102,6 +109,11 @@ class Gi(Suite):
             note = f"size-weighted mean of {plural(len(tasks), 'task')} ({metrics})"
             report.add("GI", dimension, score, n, note, gi.key(dimension, ALL, "score"))
         gi.add_domain_rows(report, "GI", "dimensions")
+        subjects = mmlu.subject_accuracies(outcomes)
+        if subjects:
+            n, count = sum(n for _, n in subjects.values()), len(subjects)
+            note = f"lm-eval's mmlu group: acc of {plural(count, 'subject')}, mean weighted by size"
+            report.add("GI", "MMLU", 100 * mmlu.group_accuracy(subjects), n, note)
 
     def outputs(self, outcomes: list[ChoiceOutcome]) -> dict[str, Any]:
         return {"choices.jsonl": [o.line(self.name) for o in outcomes]}

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from moei_lightning.data import EiRecord, Encoder
+from moei_lightning.data import Encoder
+from moei_lightning.eval import mmlu
 from moei_lightning.eval.choices import choice_examples, group_choices
 from moei_lightning.eval.suite import ChoiceOutcome, Item, Suite
 from moei_lightning.runner import ModelRunner
@@ -44,6 +45,7 @@ class Harness:
 
     def __init__(self, runner: ModelRunner, encoder: Encoder) -> None:
         self.runner, self.encoder = runner, encoder
+        self.mmlu_encoder = mmlu.prompt_encoder(encoder)
         self.tokenizer = runner.tokenizer
         self.truncated: Counter[str] = Counter()
         self.scored: Counter[str] = Counter()
@@ -73,20 +75,28 @@ class Harness:
     def choices(self, items: list[Item], suite: str) -> list[ChoiceOutcome]:
         """The choices' log-likelihoods of every item; truncated prompts are counted under ``suite``."""
         records = [item.record for item in items]
-        examples, report = choice_examples(self.encoder, records)
-        self.truncated[suite] += report.truncated
+        examples = []
+        for item in items:
+            asked, report = choice_examples(self.encoder_for(item), [item.record])
+            examples += asked
+            self.truncated[suite] += report.truncated
         self.scored[suite] += len(examples)
         pairs = self.runner.loglikelihoods(examples)
         scores = group_choices(records, [s for s, _ in pairs], [n for _, n in pairs])
         return [ChoiceOutcome(item, score) for item, score in zip(items, scores)]
 
-    def prompts(self, items: Sequence[Item]) -> list[str]:
-        """The items' prompts as training formats them."""
-        return [self.encoder.formatter.format(item.record) for item in items]
+    def encoder_for(self, item: Item) -> Encoder:
+        """How an item is prompted and tokenised: MMLU as lm-eval's ``mmlu`` (:func:`mmlu.prompt_encoder`),
+        everything else as in training."""
+        return self.mmlu_encoder if item.source == mmlu.SUITE else self.encoder
 
-    def gates(self, records: list[EiRecord]) -> list[float | None]:
-        """Mean inter gate over the real prompt tokens of each record, averaged over adapted layers."""
-        return self.runner.gates([self.encoder.formatter.format(record) for record in records])
+    def prompts(self, items: Sequence[Item]) -> list[str]:
+        """The items' prompts as they are asked (:meth:`encoder_for`)."""
+        return [self.encoder_for(item).formatter.format(item.record) for item in items]
+
+    def gates(self, items: Sequence[Item]) -> list[float | None]:
+        """Mean inter gate over the real prompt tokens of each item, averaged over adapted layers."""
+        return self.runner.gates(self.prompts(items))
 
 
 def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:

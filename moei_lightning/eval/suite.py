@@ -65,6 +65,7 @@ class Settings:
     eibench: str | Sequence[str] | None
     gi: str | Sequence[str] | None
     gi_mmlu_csv: Mapping[str, str | Sequence[str]] | None
+    mmlu_num_fewshot: int
     eqbench_questions: str | None
     eqbench_mode: str
     eqbench_max_new_tokens: int | None
@@ -92,6 +93,10 @@ class Settings:
             optional = key in ("eqbench_max_new_tokens", "limit")
             if not (value is None and optional) and not (isinstance(value, int) and value >= 1):
                 raise DataError(f"config key eval.{key}: expected a positive integer, got {value!r}")
+        if not (isinstance(self.mmlu_num_fewshot, int) and self.mmlu_num_fewshot >= 0):
+            raise DataError(
+                f"config key eval.mmlu_num_fewshot: expected 0 or more examples, got {self.mmlu_num_fewshot!r}"
+            )
 
 
 @dataclass(frozen=True)
