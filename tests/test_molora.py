@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, T5ForConditionalGeneration
 
 from moei_lightning.architectures import PUBLISHED
+from moei_lightning.backbone.built_presets import tiny_config
 from moei_lightning.data import IGNORE_INDEX
 from moei_lightning.module import balance_loss
 from moei_lightning.molora import (
@@ -41,19 +42,7 @@ def tiny_llama(layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
 
 def tiny_t5() -> T5ForConditionalGeneration:
     torch.manual_seed(0)
-    config = T5Config(
-        d_model=64,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        d_kv=16,
-        vocab_size=128,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(config).eval()
+    return T5ForConditionalGeneration(tiny_config("seq2seq", vocab_size=128, pad=0, eos=1)).eval()
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ that builds a preset gets identical weights.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -20,6 +22,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from moei_lightning.backbone.config import Kind
 from moei_lightning.backbone.hub import DTYPE_KWARG
 from moei_lightning.backbone.tokenizer_training import trained_spm_dir
 
@@ -63,38 +66,40 @@ def preset_tokenizer(preset: str) -> PreTrainedTokenizerBase:
     return T5Tokenizer.from_pretrained(directory)
 
 
+def tiny_config(
+    kind: Kind, vocab_size: int, pad: int, eos: int, bos: int | None = None, **sizes: Any
+) -> PretrainedConfig:
+    """The tiny presets' architecture: a 2-layer, 64-wide LLaMA (``causal``) or T5 (``seq2seq``); ``sizes``
+    overrides any config field (the GI-pretrained preset is wider and deeper)."""
+    if kind == "causal":
+        fields = {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 512,
+            "initializer_range": 0.2,  # wide enough logits that adapters on a frozen random model visibly learn
+        }
+        return LlamaConfig(
+            **fields | sizes, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad
+        )
+    fields = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16}
+    fields["dropout_rate"] = 0.0  # like LLaMA: train-mode forwards stay deterministic across processes
+    ids = {"pad_token_id": pad, "eos_token_id": eos, "decoder_start_token_id": pad}
+    return T5Config(**fields | sizes, vocab_size=vocab_size, **ids)
+
+
 def preset_model(preset: str, attn_implementation: str | None) -> PreTrainedModel:
     """A tiny random-init model; a fixed seed on a forked RNG gives identical weights in every process."""
     tokenizer = preset_tokenizer(preset)
-    if preset == "tiny-llama":
-        config: PretrainedConfig = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=512,
-            initializer_range=0.2,  # wide enough logits that adapters on a frozen random model visibly learn
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.unk_token_id,  # the pad load_tokenizer chooses
+    if preset == "tiny-llama":  # pad: the one load_tokenizer chooses
+        config = tiny_config(
+            "causal", len(tokenizer), tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
         )
         auto_class = AutoModelForCausalLM
     else:
-        config = T5Config(
-            d_model=64,
-            d_ff=128,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            d_kv=16,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            dropout_rate=0.0,  # like LLaMA: train-mode forwards stay deterministic across processes
-        )
+        config = tiny_config("seq2seq", len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         auto_class = AutoModelForSeq2SeqLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_PRESET_SEED)

@@ -21,9 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerBase
 
 from moei_lightning.backbone import LLAMA2_CHAT_TEMPLATE, train_sentencepiece
+from moei_lightning.backbone.built_presets import tiny_config
 from moei_lightning.data import Collator, EiRecord, Encoder, PromptFormatter, load_records
 from moei_lightning.data.synthetic import SYNTHETIC_DIR, gi_corpus
 from moei_lightning.eval.choices import choice_loglikelihoods
@@ -57,18 +58,10 @@ def build_tokenizer(out: Path, lines: list[str]) -> PreTrainedTokenizerBase:
 
 def build_model(tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
     """The tiny LLaMA, from a seeded random init."""
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.unk_token_id,  # the pad load_tokenizer chooses for LLaMA
-        tie_word_embeddings=False,
+    ids = (len(tokenizer), tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)  # pad: unk, as
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4}  # load_tokenizer picks for LLaMA
+    config = tiny_config(
+        "causal", *ids, **sizes, max_position_embeddings=MAX_LENGTH, initializer_range=0.02, tie_word_embeddings=False
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
