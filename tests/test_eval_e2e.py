@@ -73,6 +73,7 @@ def test_test_command_reports_every_configured_suite(shared_data: Path, tmp_path
     assert logged_rows["test/ei/avg"] == pytest.approx(report["scores"]["EI/average"])
     assert logged_rows["test/gi/avg"] == pytest.approx(report["scores"]["GI/average"])
     ei_gi = {k: v for k, v in report["metrics"].items() if k.startswith(("test/ei/", "test/gi/"))}
+    assert ei_gi.pop("test/gi/mmlu") == report["scores"]["GI/MMLU"]  # lm-eval's mmlu group: no scorer row
     assert {"test/ei/avg", "test/ei/acc", "test/ei/acc_norm", "test/gi/knowledge/score"} <= set(ei_gi)
     assert ei_gi == pytest.approx({key: logged_rows[key] for key in ei_gi})  # the report's keys are the logged ones
     choices = [json.loads(line) for line in (run_dir / "choices.jsonl").read_text(encoding="utf-8").splitlines()]

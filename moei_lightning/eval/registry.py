@@ -1,7 +1,7 @@
 """The suites there are, and what the ``test`` evaluation does with all of them: load, report, write.
 
-A new suite is one module with a :class:`~moei_lightning.eval.suite.Suite` subclass and one line in
-:data:`SUITES` (docs/evaluation.md shows one). The order of :data:`SUITES` is the order suites run in
+A new suite is one module with a :class:`~moei_lightning.eval.suite.Suite` subclass and one entry in
+:data:`SUITES`, with its import (docs/evaluation.md shows one). The order of :data:`SUITES` is the order suites run in
 and appear in the report.
 """
 
