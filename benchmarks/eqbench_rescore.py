@@ -100,11 +100,19 @@ def stored_mode(iterations: Mapping[str, Mapping[str, Parsed]]) -> Mode:
 
 def rescore(path: Path, questions: Mapping[Version, Mapping[str, Question]]) -> Rescored:
     """Score one harness results file's stored answers with the project's scorer."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("raw_results"), dict) or "benchmark_score" not in data:
+        raise ValueError(f"{path}: not an EQ-Bench harness results file (no 'raw_results' or 'benchmark_score')")
     version = data.get("eqbench_version") or "v2"
     if version not in questions:
         raise ValueError(f"{path}: an EQ-Bench {version} run, but no {version} question file was given")
-    iterations = {it: stored_answers(run) for it, run in data["raw_results"].items()}
+    try:
+        iterations = {it: stored_answers(run) for it, run in data["raw_results"].items()}
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable stored answers ({error})") from error
     mode = stored_mode(iterations)
     run = EqBenchRun({it: score_parsed(a, questions[version], mode, version) for it, a in iterations.items()})
     stored_parseable = data.get("n_questions_parseable")
@@ -166,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest score difference that passes")
     args = parser.parse_args(argv)
 
-    questions = question_sets(args.questions or [DEFAULT_QUESTIONS])
+    missing = [str(path) for path in args.results if not path.exists()]
+    if missing:
+        parser.error(f"not found: {', '.join(missing)}")
     files = result_files(args.results)
     if not files:
         parser.error("no EQ-Bench results files found")
-    rows = [rescore(path, questions) for path in files]
+    try:
+        questions = question_sets(args.questions or [DEFAULT_QUESTIONS])
+        rows = [rescore(path, questions) for path in files]
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(table(rows))
     expected = set(args.expect_mismatch)
     unknown = expected - {r.name for r in rows}

@@ -29,6 +29,7 @@ from moei_lightning.eval.eqbench import (
     score_run,
 )
 from moei_lightning.eval.suites import eqbench_questions
+from tests.conftest import load_benchmark
 
 # The reference harness's recorded runs: file -> (benchmark_score, n_questions_parseable, mode).
 RECORDED = {
@@ -464,8 +465,6 @@ def harness_file(path, answers: dict[str, tuple[dict[str, int], dict[str, int]]]
 
 
 def test_rescore_reads_a_revise_run_with_an_all_zero_first_pass(shared_data, tmp_path):
-    from tests.conftest import load_benchmark
-
     rescore = load_benchmark("eqbench_rescore")
     questions = load_questions(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json")
     ids = list(questions)[:10]
@@ -486,8 +485,6 @@ def test_rescore_reads_a_revise_run_with_an_all_zero_first_pass(shared_data, tmp
 
 
 def test_rescore_reads_a_no_revise_run_and_flags_a_mismatch(shared_data, tmp_path, capsys):
-    from tests.conftest import load_benchmark
-
     rescore = load_benchmark("eqbench_rescore")
     questions_file = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
     questions = load_questions(questions_file)
@@ -512,10 +509,19 @@ def test_rescore_reads_a_no_revise_run_and_flags_a_mismatch(shared_data, tmp_pat
 
 
 def test_rescore_reproduces_the_recorded_runs_from_their_stored_answers(shared_data):
-    from tests.conftest import load_benchmark
-
     rescore = load_benchmark("eqbench_rescore")
     questions = {"v2": load_questions(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json")}
     for name, (score, parseable, mode) in RECORDED.items():
         row = rescore.rescore(shared_data / "eq-bench" / name, questions)
         assert (row.mode, row.stored_score, row.score, row.parseable) == (mode, score, score, parseable), name
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", '{"raw_results": {}}', '{"benchmark_score": 1, "raw_results": {"1": {}}}']
+)
+def test_rescore_fails_cleanly_on_a_file_that_is_not_a_harness_result(shared_data, tmp_path, content, capsys):
+    path = tmp_path / "x_eqbench_v2_results.json"
+    path.write_text(content)
+    questions = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
+    assert load_benchmark("eqbench_rescore").main([str(path), "--questions", str(questions)]) == 2
+    assert str(path) in capsys.readouterr().err
