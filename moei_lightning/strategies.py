@@ -177,7 +177,7 @@ class _AdapterCheckpoints:
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         assert self.model is not None
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return gather_optimizer_state(self.model, optimizer)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
@@ -186,7 +186,7 @@ class _AdapterCheckpoints:
         scatter_trainable(self.model, checkpoint["state_dict"])
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             if isinstance(optimizer, LightningOptimizer):
-                optimizer = optimizer._optimizer
+                optimizer = optimizer.optimizer
             scatter_optimizer_state(self.model, optimizer, state)
         return checkpoint
 
