@@ -400,6 +400,15 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
 
 
+def test_lightnings_distributed_sampler_is_refused_under_data_parallelism(tmp_path, capsys):
+    """The DataModule shards batches across ranks itself; Lightning's sampler would shard them again."""
+    args = ["fit", "--config", TINY, "--trainer.logger=false", f"--run_dir={tmp_path}/run"]
+    args += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distributed_sampler=true"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2 and "(YAML: trainer.use_distributed_sampler: false)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -595,7 +604,7 @@ def test_ckpt_path_with_a_conflicting_adapter_override_is_an_error(saved_hparams
 
 def test_ckpt_path_honours_other_explicit_overrides(saved_hparams_checkpoint, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(MoEICLI, "_run_subcommand", lambda self, sub: seen.update(config=self.config[sub]))
+    monkeypatch.setattr(MoEICLI, "run_command", lambda self: seen.update(config=self.config))
     args = ["test", "--config", TINY, f"--ckpt_path={saved_hparams_checkpoint}", f"--run_dir={tmp_path}/r"]
     cli.main([*args, "--model.max_new_tokens=3", "--model.molora.num_experts=2"])
     config = seen["config"]
