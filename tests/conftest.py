@@ -52,7 +52,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 
 @pytest.fixture(autouse=True)
 def no_run_directory_from_an_earlier_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CLI built in-process without ``main`` (``MoEICLI(..., run=False)``) sets MOEI_RUN_DIR for the processes
+    """A CLI built in-process without ``main`` (``MoEICLI(...)``) sets MOEI_RUN_DIR for the processes
     its run would start; the next test must not inherit that run's directory."""
     from moei_lightning.cli import RUN_DIR_ENV  # here: transformers must be imported after HF_HUB_OFFLINE is set
 

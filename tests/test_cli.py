@@ -76,7 +76,7 @@ def test_runs_get_their_own_directories(
 def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path) -> None:
     args = ["--config", LLAMA_CONFIG, "--seed_everything=7", f"--run_dir={tmp_path}"]
     register_resolvers()  # what main() does first: the file names its data with ${samples:...}
-    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": mode})
+    cli = MoEICLI(MoEIModule, MoEIDataModule, command="validate", args=args, parser_kwargs={"parser_mode": mode})
     assert cli.config.seed_everything == 7
     # omegaconf resolves ${seed_everything} when the file is read, before the override;
     # omegaconf+ (what python -m moei_lightning uses) resolves after merging every source.
@@ -148,7 +148,9 @@ def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkey
     args = ["--config", LLAMA_CONFIG, f"--run_dir={tmp_path}"]
     args.append("--model.optimizer.init_args.lr=0.01")
     register_resolvers()
-    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
+    cli = MoEICLI(
+        MoEIModule, MoEIDataModule, command="validate", args=args, parser_kwargs={"parser_mode": "omegaconf+"}
+    )
     (tmp_path / "config.yaml").write_text("seed_everything: 42\n")
     MoEISaveConfig(cli.parser, cli.config).save_config(cli.trainer, cli.model, "fit")
     experiment = cli.trainer.logger.experiment
@@ -181,6 +183,14 @@ def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture)
     for command in ("fit", "validate", "test", "predict", "export", "generate", "lm-eval"):
         assert f"\n    {command} " in out, command
     assert "--debug" in out
+
+
+def test_the_command_comes_first(capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["--config", LLAMA_CONFIG, "fit"]) == 2
+    known = "the command line starts with one of fit, validate, test, predict, export, generate, lm-eval"
+    assert capsys.readouterr().err == f"error: '--config' is not a command; {known}\n"
+    assert exit_code([]) == 2
+    assert capsys.readouterr().err == f"error: no command given; {known}\n"
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "export", "generate"])

@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from safetensors.torch import load_file, save_file
 
 from moei_lightning import cli
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
+from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint_file
 from moei_lightning.cli import RUN_DIR_ENV, MoEICLI
 from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_records
@@ -402,6 +405,15 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
 
 
+def test_lightnings_distributed_sampler_is_refused_under_data_parallelism(tmp_path, capsys):
+    """The DataModule shards batches across ranks itself; Lightning's sampler would shard them again."""
+    args = ["fit", "--config", LLAMA_CONFIG, "--trainer.logger=false", f"--run_dir={tmp_path}/run"]
+    args += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distributed_sampler=true"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2 and "(YAML: trainer.use_distributed_sampler: false)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -597,7 +609,7 @@ def test_ckpt_path_with_a_conflicting_adapter_override_is_an_error(saved_hparams
 
 def test_ckpt_path_honours_other_explicit_overrides(saved_hparams_checkpoint, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(MoEICLI, "_run_subcommand", lambda self, sub: seen.update(config=self.config[sub]))
+    monkeypatch.setattr(MoEICLI, "run_command", lambda self: seen.update(config=self.config))
     args = ["test", "--config", LLAMA_CONFIG, f"--ckpt_path={saved_hparams_checkpoint}", f"--run_dir={tmp_path}/r"]
     cli.main([*args, "--model.max_new_tokens=3", "--model.molora.num_experts=2"])
     config = seen["config"]
@@ -680,6 +692,25 @@ def test_a_signal_saves_a_checkpoint_that_resumes_bit_exactly(signum, uninterrup
     assert final.keys() == uninterrupted.keys()
     for key, tensor in uninterrupted.items():
         assert torch.equal(final[key], tensor), key
+
+
+def test_under_slurm_requeue_a_signal_saves_the_next_hpc_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint a requeued job of the same id resumes from by itself: one above the highest there."""
+    (tmp_path / "hpc_ckpt_2.ckpt").touch()
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+
+    def saved_to(environment: SLURMEnvironment | None) -> Path:
+        strategy = SimpleNamespace(cluster_environment=environment)
+        trainer = SimpleNamespace(strategy=strategy, default_root_dir=str(tmp_path), callbacks=[])
+        return Path(InterruptCheckpoint()._checkpoint_path(trainer))
+
+    assert saved_to(SLURMEnvironment()) == tmp_path / "hpc_ckpt_3.ckpt"
+    assert saved_to(SLURMEnvironment(auto_requeue=False)) == tmp_path / "checkpoints" / "last.ckpt"
+    assert saved_to(None) == tmp_path / "checkpoints" / "last.ckpt"  # one device, no SLURM
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert saved_to(None) == tmp_path / "hpc_ckpt_3.ckpt"  # one device under SLURM: Lightning requeues it
 
 
 @pytest.mark.slow
