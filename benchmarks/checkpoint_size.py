@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
 from moei_lightning.architectures import PUBLISHED
-from moei_lightning.cli import resolve_bases
+from moei_lightning.config_parser import resolve_bases
 from moei_lightning.module import adapter_config
 from moei_lightning.molora import MoLoRAConfig, inject_molora
 

@@ -1,12 +1,14 @@
-"""The command line: ``python -m moei_lightning fit|validate|test|predict --config conf/tiny.yaml``.
+"""The command line: ``python -m moei_lightning COMMAND ...``, its first word picking what runs.
 
-A LightningCLI with omegaconf interpolation resolved after every source is merged (``omegaconf+``),
-so ``--data.max_length=256`` also reaches every ``${data.max_length}`` in the YAML. Each run writes
-into its own directory (``runs/<id>``, or ``--run_dir``): the saved ``config.yaml``, checkpoints and
-the logger's files never collide between runs. A run that continues from a checkpoint of a run
-directory (a resumed ``fit``, a ``test`` or ``predict`` of it) writes into that directory and the
-same W&B run. ``export`` writes a checkpoint in a format other tools read, ``generate`` answers
-prompts with an export, and ``lm-eval`` runs lm-evaluation-harness tasks on one.
+``fit``, ``validate``, ``test`` and ``predict`` run the Trainer's method of that name through a
+LightningCLI (``--config conf/tiny.yaml``, ``--model.*``, ...), with omegaconf interpolation resolved
+after every source is merged (``omegaconf+``), so ``--data.max_length=256`` also reaches every
+``${data.max_length}`` in the YAML. Each run writes into its own directory (``runs/<id>``, or
+``--run_dir``): the saved ``config.yaml``, checkpoints and the logger's files never collide between
+runs. A run that continues from a checkpoint of a run directory (a resumed ``fit``, a ``test`` or
+``predict`` of it) writes into that directory and the same W&B run. The other commands are tools
+with their own options: ``export`` writes a checkpoint in a format other tools read, ``generate``
+answers prompts with an export, and ``lm-eval`` runs lm-evaluation-harness tasks on one.
 
 Bad input (config, data, checkpoint or adapter files) ends the run with one ``error: ...`` line and
 exit status 2; ``--debug`` or ``MOEI_DEBUG=1`` shows the traceback instead. Training that diverges
@@ -15,26 +17,22 @@ exits 3; SIGTERM / SIGINT during training save a resumable checkpoint and exit 1
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
+import argparse
 import importlib
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-import typing
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace, get_loader, set_parsing_settings
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -47,6 +45,7 @@ from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.callbacks.predictions import PredictionWriter
 from moei_lightning.callbacks.resume import ResumableEnd
 from moei_lightning.checkpoints import check_finite, read_checkpoint_file, use_atomic_checkpoints
+from moei_lightning.config_parser import FULL_PARSE_ERRORS, MoEIArgumentParser, one_line
 from moei_lightning.data import SAMPLES_DIR, DataError, MoEIDataModule
 from moei_lightning.errors import (
     DIVERGED_EXIT,
@@ -84,8 +83,6 @@ USER_ERRORS = (
 ADAPTER_SHAPE_KEYS = ("adapter", "molora.num_experts", "molora.rank", "molora.target_modules", "molora.inter")
 """Model keys that decide a checkpoint's tensors: a command line may not change them under --ckpt_path."""
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
-_DEBUG: ContextVar[bool] = ContextVar("moei_debug", default=False)
-"""``--debug`` or ``MOEI_DEBUG=1`` for this run: errors keep their traceback and the parser its full message."""
 # The Trainer's commands: name -> what --help says (Lightning's docstrings are cut off after their first line).
 TRAINER_COMMANDS = {
     "fit": "Train the adapters; writes checkpoints, config.yaml and a summary into the run directory.",
@@ -94,187 +91,13 @@ TRAINER_COMMANDS = {
     "predict": "Generate a reply for every test prompt, or for --data.predict=FILE, into predictions.jsonl.",
 }
 # Commands beside the Trainer's: name -> what --help says about them; each is moei_lightning.<name>.main
-# (or the module TOOL_MODULES names).
+# (or the module TOOL_MODULES names), given the rest of the command line.
 TOOLS = {
     "export": "Write a checkpoint as adapters, a PEFT adapter or a save_pretrained model.",
     "generate": "Replies from an exported model to prompts from a file or standard input, as JSONL.",
     "lm-eval": "lm-evaluation-harness tasks on an exported model, routed from each request's context.",
 }
 TOOL_MODULES = {"lm-eval": "lm_eval_model"}  # a command whose module is not named after it
-
-
-class MoEIArgumentParser(LightningArgumentParser):
-    """Reads config files with a ``base:`` list; answers a misspelt key in one line, with the closest valid key."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)  # --data.batch_siz is a misspelling, not --data.batch_size
-        super().__init__(*args, **kwargs)
-
-    def parse_path(
-        self,
-        path: str | os.PathLike,
-        ext_vars: dict | None = None,
-        env: bool | None = None,
-        defaults: bool = True,
-        **kwargs: Any,
-    ) -> Namespace:
-        """A file that lists ``base:`` files is parsed as those files with its own keys merged over them."""
-        source = Path(os.fspath(path))
-        if not source.is_file() or BASE_KEY not in _load_mapping(source):
-            return super().parse_path(path, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
-        merged = yaml.safe_dump(resolve_bases(source), sort_keys=False, allow_unicode=True)
-        return self.parse_string(merged, path=source.name, ext_vars=ext_vars, env=env, defaults=defaults, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        """One ``error:`` line instead of the usage and the parser's type dump (``--debug`` keeps them)."""
-        if not self.exit_on_error or _DEBUG.get():
-            super().error(message, ex)
-        key = misspelt_key(message)
-        if key is None:
-            sys.stderr.write(f"error: {describe_parse_error(message)}\n")
-            raise SystemExit(USER_ERROR_EXIT)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        closest = difflib.get_close_matches(key, valid_keys(parser), n=1, cutoff=0.6)
-        hint = f"; did you mean '{closest[0]}'?" if closest else f"; `{parser.prog} --help` lists the keys"
-        sys.stderr.write(f"error: unknown config key '{key}'{hint}\n")
-        raise SystemExit(USER_ERROR_EXIT)
-
-
-BASE_KEY = "base"
-"""Top-level key of a config file: the files it builds on, relative to it, merged in order beneath it."""
-
-
-def resolve_bases(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The config file at ``path`` as one mapping: its ``base:`` files first (in order), its own keys over them.
-
-    ``base: tiny.yaml`` (or a list) names files relative to the file that lists them; they may have bases
-    of their own. The result is what ``--config BASE --config FILE`` gives: see :func:`merge_configs`.
-    """
-    path = path.resolve()
-    if path in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(path) :], path))
-        raise ConfigError(f"{_chain[-1]}: base: the files include each other ({cycle}); remove one of the links")
-    config = _load_mapping(path)
-    bases = config.pop(BASE_KEY, None)
-    if bases is None:
-        return config
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
-        raise ConfigError(f"{path}: base: must be a file name or a list of them, got {bases!r}")
-    merged: dict[str, Any] = {}
-    for base in bases:
-        base_path = path.parent / base
-        if not base_path.is_file():
-            raise ConfigError(
-                f"{path}: base: {base}: no such file ({base_path}); base files are relative to the file that lists them"
-            )
-        merged = merge_configs(merged, resolve_bases(base_path, (*_chain, path)))
-    return merge_configs(merged, config)
-
-
-def merge_configs(base: Any, overlay: Any) -> Any:
-    """``overlay`` over ``base``: mappings merge key by key, anything else (a list too) replaces.
-
-    A mapping with another ``class_path`` than the base's is a different object and replaces it whole,
-    so a strategy file that switches FSDP2 for DDP does not inherit FSDP2's ``init_args``.
-    """
-    if not (isinstance(base, dict) and isinstance(overlay, dict)):
-        return overlay
-    if "class_path" in overlay and overlay["class_path"] != base.get("class_path"):
-        return overlay
-    merged = dict(base)
-    for key, value in overlay.items():
-        merged[key] = merge_configs(base[key], value) if key in base else value
-    return merged
-
-
-def _load_mapping(path: Path) -> dict[str, Any]:
-    """A YAML config file's top-level mapping, read as jsonargparse reads it (``1e-4`` is a float)."""
-    try:
-        config = get_loader("yaml")(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({_one_line(str(err))})") from err
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config file holds a mapping of keys, got {type(config).__name__}")
-    return config
-
-
-_MISSPELT = (
-    re.compile(r"Group '([\w.]+)' does not accept option '([\w.]+)'"),
-    re.compile(r"unrecognized arguments: --([\w.]+)"),
-    re.compile(r"does not accept option '([\w.]+)'"),
-    re.compile(r"Parser key \"([\w.]+)\":.*?Option '([\w.]+)' is not accepted", re.DOTALL),
-)
-
-
-def misspelt_key(message: str) -> str | None:
-    """The unknown key a jsonargparse error message is about, or None for other errors."""
-    for pattern in _MISSPELT:
-        match = pattern.search(message)
-        if match:
-            return ".".join(match.groups())
-    return None
-
-
-_PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
-_VALUE = re.compile(r"(?:Given|Got) value: (.*?)(?:\. Got value: .*)?$", re.MULTILINE)
-_EXPECTED = re.compile(r"Expected a (<class '(\w+)'>|typing\.Literal\[(.*?)\]|path)")
-_TYPE_NAMES = {
-    "int": "an integer",
-    "float": "a finite number",
-    "bool": "true or false",
-    "str": "a string",
-    "NoneType": "null",
-}
-
-
-def describe_parse_error(message: str) -> str:
-    """A jsonargparse type or choice error as one line: the key, the value given and what is allowed.
-
-    jsonargparse reports such errors over several lines (every type of a union tried, in Python's
-    spelling); a user needs the key, the value and the allowed values or type.
-    """
-    keys = _PARSER_KEY.findall(message)
-    missing_file = re.search(r"File does not exist: '(.*)'", message)
-    if keys and missing_file:
-        return f"--{keys[0]} {missing_file.group(1)}: no such file"
-    if not keys:
-        return _one_line(message)
-    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"
-    value = _VALUE.search(message)
-    allowed: list[str] = []
-    choices: list[str] = []
-    for match in _EXPECTED.finditer(message):
-        if match.group(3) is not None:
-            choices += [choice.strip() for choice in match.group(3).split(",")]
-        else:
-            allowed.append(_TYPE_NAMES.get(match.group(2), match.group(2)) if match.group(2) else "a path")
-    if choices:
-        allowed.insert(0, f"one of {', '.join(dict.fromkeys(choices))}")
-    if len(allowed) > 1:  # a tensor's import path, tried last for a float (an optimizer's lr): not a user's choice
-        allowed = [kind for kind in allowed if kind != "a path"]
-    if not allowed:
-        return f"config key {key}: {_one_line(message.split(':', 1)[1])}"
-    got = f", got {value.group(1).strip()!r}" if value else ""
-    return f"config key {key}: expected {' or '.join(dict.fromkeys(allowed))}{got}"
-
-
-def valid_keys(parser: ArgumentParser) -> list[str]:
-    """Every config key of ``parser``, including the fields of dataclass-typed sections (``model.molora.rank``)."""
-    keys = list(parser.get_defaults().keys())
-    for action in parser._actions:  # jsonargparse keeps the type of each key on its action
-        for hint in typing.get_args(getattr(action, "_typehint", None)) or (getattr(action, "_typehint", None),):
-            if dataclasses.is_dataclass(hint):
-                keys += [f"{action.dest}.{field.name}" for field in dataclasses.fields(hint)]
-    subcommands = getattr(parser, "_subcommands_action", None)  # a config file's error reaches the top parser
-    for subparser in subcommands._name_parser_map.values() if subcommands is not None else ():
-        keys += valid_keys(subparser)
-    return list(dict.fromkeys(keys))
 
 
 class MoEISaveConfig(SaveConfigCallback):
@@ -296,27 +119,17 @@ class MoEISaveConfig(SaveConfigCallback):
 
 
 class MoEICLI(LightningCLI):
-    """LightningCLI that gives every run its own directory and points loggers and checkpoints into it."""
+    """LightningCLI for one Trainer command: its own directory for every run, loggers and checkpoints in it.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``command`` (``fit``, ``validate``, ``test`` or ``predict``) adds that method's arguments
+    (``--ckpt_path``); :meth:`run_command` runs it once the classes are built.
+    """
+
+    def __init__(self, *args: Any, command: str, **kwargs: Any) -> None:
+        self.command = command
         kwargs.setdefault("parser_class", MoEIArgumentParser)
         kwargs.setdefault("save_config_callback", MoEISaveConfig)
-        super().__init__(*args, **kwargs)
-
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """The Trainer's subcommands, then the other commands (``TOOLS``) so that ``--help`` lists them too."""
-        super()._add_subcommands(parser, **kwargs)
-        for choice in parser._subcommands_action._choices_actions:  # the list that the top-level --help prints
-            choice.help = TRAINER_COMMANDS.get(choice.dest, choice.help)
-        for name, subparser in self._subcommand_parsers.items():
-            lightning_text = subparser.description
-            subparser.description = f"{TRAINER_COMMANDS[name]} {DEBUG_HELP}"
-            for group in subparser._action_groups:  # the --ckpt_path group is titled with the same cut text
-                if group.title and lightning_text and group.title.startswith(lightning_text.split(".")[0]):
-                    group.title = f"{name} arguments"
-        for name, description in TOOLS.items():
-            tool = ArgumentParser(prog=f"{PROG} {name}", description=description, add_help=False)
-            parser._subcommands_action.add_subcommand(name, tool, help=f"{description} (`{PROG} {name} --help`)")
+        super().__init__(*args, run=False, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -343,24 +156,25 @@ class MoEICLI(LightningCLI):
         from moei_lightning.callbacks.fit_summary import FitSummary
 
         parser.add_lightning_class_args(FitSummary, "summary")
+        # The command's own arguments (--ckpt_path, ...), under "<command> arguments" in --help.
+        skip = self.subcommands()[self.command]
+        self.command_arguments = parser.add_method_arguments(self.trainer_class, self.command, skip=skip)
+        parser.groups[self.command].title = f"{self.command} arguments"
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, remembering which ``--model.*`` keys the command line set (see :meth:`_parse_ckpt_path`)."""
-        argv = sys.argv[1:] if args is None else args
-        self.explicit_model_keys = explicit_model_keys(argv) if isinstance(argv, list | tuple) else []
-        super().parse_arguments(parser, args)
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
+        """Parse ``args`` (the command line after the command), remembering which ``--model.*`` keys it sets."""
+        self.explicit_model_keys = explicit_model_keys(args)
+        self.config = parser.parse_args(args)
 
-    def _parse_ckpt_path(self) -> None:
+    def apply_checkpoint_settings(self) -> None:
         """Take the model settings from ``--ckpt_path``, except where the command line sets them.
 
-        Lightning puts the checkpoint's hyperparameters over the whole config, so an explicit
-        ``--model.backbone.name_or_path=/other`` was silently ignored. Here the checkpoint still wins
-        over config files, an explicit command-line key wins over the checkpoint, and a key that
-        decides the checkpoint's tensors (:data:`ADAPTER_SHAPE_KEYS`) may not differ from it at all:
-        that is an error naming the keys. The file is read with ``weights_only=True``.
+        The checkpoint wins over config files and an explicit command-line key over the checkpoint
+        (``--model.backbone.name_or_path=/other`` is honoured), but a key that decides the
+        checkpoint's tensors (:data:`ADAPTER_SHAPE_KEYS`) may not differ from it at all: that is an
+        error naming the keys. The file is read with ``weights_only=True``.
         """
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt_path = self.config.get("ckpt_path")
         if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES:
             return
         path = Path(ckpt_path)
@@ -379,8 +193,7 @@ class MoEICLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        config = self.config[subcommand]
-        given = {key: config.get(key) for key in self.explicit_model_keys}
+        given = {key: self.config.get(key) for key in self.explicit_model_keys}
         saved = _flatten({"model": hparams})
         conflicts = [
             f"{key}={given[key]!r} (checkpoint: {saved.get(key)!r})"
@@ -392,22 +205,22 @@ class MoEICLI(LightningCLI):
                 f"--ckpt_path {path} was trained with other adapters than the command line asks for: "
                 f"{', '.join(conflicts)}; drop these overrides (its tensors only fit the saved shape)"
             )
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        self.config = self.parser.parse_object({"model": hparams}, self.config)
         for key, value in given.items():
-            self.config[subcommand][key] = value
+            self.config[key] = value
         changed = [f"{k}={v!r}" for k, v in given.items() if k in saved and saved[k] != v]
         if changed:
             print(f"--ckpt_path {path}: the command line overrides the checkpoint's {', '.join(changed)}")
 
     def before_instantiate_classes(self) -> None:
-        subcommand = self.subcommand or "run"
-        quiet_known_noise(subcommand)
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = resolve_run_dir(config.get("run_dir"), subcommand, config.get("ckpt_path"))
-        if subcommand == "fit":
+        self.apply_checkpoint_settings()
+        quiet_known_noise(self.command)
+        config = self.config
+        run_dir = resolve_run_dir(config.get("run_dir"), self.command, config.get("ckpt_path"))
+        if self.command == "fit":
             lock_run_dir(run_dir)
-        if subcommand != "fit" and (run_dir / CONFIG_FILE).is_file():  # next to a fit: keep its config.yaml
-            self.save_config_kwargs["config_filename"] = f"config-{subcommand}.yaml"
+        if self.command != "fit" and (run_dir / CONFIG_FILE).is_file():  # next to a fit: keep its config.yaml
+            self.save_config_kwargs["config_filename"] = f"config-{self.command}.yaml"
         config.run_dir = str(run_dir)
         config.trainer.default_root_dir = str(run_dir)
         loggers = config.trainer.get("logger")
@@ -436,34 +249,32 @@ class MoEICLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # the Trainer checks its own arguments; they are config keys
-            raise ConfigError(f"config key trainer: {_one_line(str(err))}") from err
+            raise ConfigError(f"config key trainer: {one_line(str(err))}") from err
+        if trainer.world_size > 1 and self.config.trainer.use_distributed_sampler:
+            raise ConfigError(
+                "MoEIDataModule shards batches across ranks itself; run the Trainer with "
+                "use_distributed_sampler=False (YAML: trainer.use_distributed_sampler: false)"
+            )
         run_dir = Path(trainer.default_root_dir)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(run_dir / "checkpoints")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
-                # Lightning always passes `anonymous`, and W&B warns that the setting does nothing.
-                logger._wandb_init.pop("anonymous", None)
         use_atomic_checkpoints(trainer)
-        if self.subcommand == "fit":
+        if self.command == "fit":
             trainer.callbacks.extend([InterruptCheckpoint(), ResumableEnd()])
-        if self.subcommand == "predict":
+        if self.command == "predict":
             trainer.callbacks.append(PredictionWriter(run_dir / "predictions.jsonl"))
         return trainer
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Validate the data before the Trainer starts (and with it a W&B run), then run."""
+    def run_command(self) -> None:
+        """Check the data before the Trainer starts (and with it a W&B run), then run the command."""
         if isinstance(self.datamodule, MoEIDataModule) and isinstance(self.model, MoEIModule):
             self.datamodule.attach(self.model.tokenizer, self.model.kind)
-            self.datamodule.setup(subcommand)
-        super()._run_subcommand(subcommand)
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            kwargs["weights_only"] = True  # a checkpoint is data: never run code from it
-        return kwargs
+            self.datamodule.setup(self.command)
+        start_wandb_runs(self.trainer)
+        kwargs = {key: self.config_init[key] for key in self.command_arguments}
+        kwargs["weights_only"] = True  # a checkpoint is data: never run code from it
+        getattr(self.trainer, self.command)(self.model, datamodule=self.datamodule, **kwargs)
 
 
 def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | None = None) -> Path:
@@ -502,7 +313,7 @@ def resolve_run_dir(requested: str | None, subcommand: str, checkpoint: str | No
 
 def checkpoint_run_dir(checkpoint: str | None) -> Path | None:
     """The run directory a checkpoint was written into, if it is one (``<run>/checkpoints/<file>``)."""
-    if not checkpoint or checkpoint in ("last", "best", "hpc", "registry"):
+    if not checkpoint or checkpoint in LIGHTNING_CKPT_ALIASES:
         return None
     parent = Path(checkpoint).parent
     if parent.name == "checkpoints" and (parent.parent / CONFIG_FILE).is_file():
@@ -562,35 +373,87 @@ def main(args: list[str] | None = None) -> MoEICLI | None:
     register_resolvers()
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    if args is None:
-        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
-    token = _DEBUG.set(debug)
+    token = FULL_PARSE_ERRORS.set(debug)
     try:
-        return _run(args, argv, debug)
+        with _own_run_dir_env(), _errors_as_messages(debug):
+            return run([a for a in argv if a != "--debug"])
     finally:
-        _DEBUG.reset(token)
+        FULL_PARSE_ERRORS.reset(token)
 
 
-def _run(args: list[str] | None, argv: list[str], debug: bool) -> MoEICLI | None:
-    with _own_run_dir_env(), _errors_as_messages(debug):
-        if argv and argv[0] in TOOLS:
-            module = importlib.import_module(f"moei_lightning.{TOOL_MODULES.get(argv[0], argv[0])}")
-            module.main(argv[1:])
-            return None
-        # YAML files write ${data.batch_size}, not the subcommand-relative ${..data.batch_size}.
-        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        cli = MoEICLI(
-            MoEIModule,
-            MoEIDataModule,
-            args=args if args is None else argv,
-            parser_kwargs={"parser_mode": "omegaconf+", "prog": PROG, "description": DESCRIPTION},
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
-        )
-        finish_wandb_run()
-        return cli
-    return None
+def run(argv: list[str]) -> MoEICLI | None:
+    """Run the command ``argv`` starts with: a Trainer command through :class:`MoEICLI`, a tool through its ``main``."""
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command in TOOLS:
+        importlib.import_module(f"moei_lightning.{TOOL_MODULES.get(command, command)}").main(rest)
+        return None
+    if command in ("-h", "--help"):
+        command_parser().print_help()
+        raise SystemExit(0)
+    if command not in TRAINER_COMMANDS:
+        given = f"{command!r} is not a command" if command else "no command given"
+        raise ConfigError(f"{given}; the command line starts with one of {', '.join([*TRAINER_COMMANDS, *TOOLS])}")
+    cli = MoEICLI(
+        MoEIModule,
+        MoEIDataModule,
+        command=command,
+        args=rest,
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "prog": f"{PROG} {command}",
+            "description": f"{TRAINER_COMMANDS[command]} {DEBUG_HELP}",
+        },
+        trainer_defaults={"use_distributed_sampler": False},
+        save_config_kwargs={"overwrite": True},
+    )
+    cli.run_command()
+    finish_wandb_run()
+    return cli
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The top-level ``--help``: every command, with what it does (each command parses its own options)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=f"`{PROG} COMMAND --help` lists the options of a command."
+    )
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    for name, text in {**TRAINER_COMMANDS, **TOOLS}.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+WANDB_ANONYMOUS_WARNING = "The anonymous setting has no effect"
+
+
+def start_wandb_runs(trainer: Trainer) -> None:
+    """Start the W&B runs of ``trainer``'s loggers now, without W&B's warning about ``anonymous``.
+
+    Lightning passes ``anonymous`` to ``wandb.init`` on every run and W&B warns that the setting does
+    nothing: a line no user can act on. W&B writes it to standard error while the run starts, so the
+    run starts here, with that one line held back.
+    """
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if not loggers:
+        return
+    importlib.import_module("wandb")  # W&B hooks standard error's writes on import: before it is swapped
+    with redirect_stderr(_WithoutLines(sys.stderr, WANDB_ANONYMOUS_WARNING)):
+        for logger in loggers:
+            _ = logger.experiment
+
+
+class _WithoutLines:
+    """``stream``, less the lines that contain ``fragment``."""
+
+    def __init__(self, stream: Any, fragment: str) -> None:
+        self.stream = stream
+        self.fragment = fragment
+
+    def write(self, text: str) -> int:
+        self.stream.write("".join(line for line in text.splitlines(keepends=True) if self.fragment not in line))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def finish_wandb_run() -> None:
@@ -630,7 +493,7 @@ def _errors_as_messages(debug: bool) -> Iterator[None]:
     except TrainingDiverged as err:
         _exit(f"error: {err}", DIVERGED_EXIT, err, debug)
     except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", "") or "").partition(".")[2]  # without the subcommand
+        key = str(getattr(err, "full_key", "") or "")
         where = f" in {key}" if key else ""
         message = str(getattr(err, "msg", err)).splitlines()[0]
         _exit(f"error: config interpolation{where}: {message}", USER_ERROR_EXIT, err, debug)
@@ -638,7 +501,7 @@ def _errors_as_messages(debug: bool) -> Iterator[None]:
         user_error = _find_user_error(err)
         if user_error is None:
             raise
-        _exit(f"error: {_one_line(str(user_error))}", USER_ERROR_EXIT, err, debug)
+        _exit(f"error: {one_line(str(user_error))}", USER_ERROR_EXIT, err, debug)
 
 
 def _exit(message: str, code: int, err: BaseException, debug: bool) -> None:
@@ -664,11 +527,7 @@ def _root_message(err: BaseException) -> str:
     """The innermost cause's message: jsonargparse wraps a constructor's error in several layers."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return _one_line(str(err))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return one_line(str(err))
 
 
 def explicit_model_keys(argv: list[str] | tuple[str, ...]) -> list[str]:

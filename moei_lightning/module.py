@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -160,9 +160,16 @@ class MoEIModule(LightningModule):
             inject_molora(model, self.molora_config)
         return model
 
+    def _running_trainer(self) -> Trainer | None:
+        """The Trainer this module runs under, or None outside one (where ``self.trainer`` raises)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def _load_device(self) -> torch.device | None:
         """The GPU this rank trains on, if any; the CPU copy is skipped by loading straight onto it."""
-        trainer = self._trainer
+        trainer = self._running_trainer()
         device = trainer.strategy.root_device if trainer is not None else None
         return device if device is not None and device.type != "cpu" else None
 
@@ -234,7 +241,7 @@ class MoEIModule(LightningModule):
 
     def _data_parallel_scales(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """``W * n_rank / n_all`` per token count, or None with one process or outside training."""
-        trainer = self._trainer
+        trainer = self._running_trainer()
         if trainer is None or trainer.world_size == 1 or not self.training:
             return None
         local = torch.stack([c.float() for c in counts.values()])
@@ -295,7 +302,7 @@ class MoEIModule(LightningModule):
 
     def _is_sharded(self) -> bool:
         """Whether a forward is a collective: FSDP2 shards the model, or FSDP1 wraps the module."""
-        trainer = self._trainer
+        trainer = self._running_trainer()
         if trainer is None or trainer.world_size == 1:
             return False
         return isinstance(self.model, FSDPModule) or isinstance(trainer.model, FullyShardedDataParallel)
@@ -340,7 +347,9 @@ class MoEIModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _where(self) -> str:
-        return f"step {self.global_step} (epoch {self.current_epoch})" if self._trainer is not None else "this forward"
+        if self._running_trainer() is None:
+            return "this forward"
+        return f"step {self.global_step} (epoch {self.current_epoch})"
 
     def _check_gates(self, gates: list) -> None:
         """Stop on a non-finite inter-gate logit, naming the layer."""
@@ -407,7 +416,8 @@ class MoEIModule(LightningModule):
         if self.model is None:
             self.configure_model()
         shapes, saved = self._trainable_shapes(), checkpoint["state_dict"]
-        where = f"--ckpt_path {self._trainer.ckpt_path}: " if self._trainer is not None else ""
+        trainer = self._running_trainer()
+        where = f"--ckpt_path {trainer.ckpt_path}: " if trainer is not None else ""
         if shapes.keys() != saved.keys():
             missing, extra = sorted(shapes.keys() - saved.keys())[:8], sorted(saved.keys() - shapes.keys())[:8]
             raise CheckpointError(

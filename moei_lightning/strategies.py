@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -177,7 +178,7 @@ class _AdapterCheckpoints:
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         assert self.model is not None
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return gather_optimizer_state(self.model, optimizer)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
@@ -186,7 +187,7 @@ class _AdapterCheckpoints:
         scatter_trainable(self.model, checkpoint["state_dict"])
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             if isinstance(optimizer, LightningOptimizer):
-                optimizer = optimizer._optimizer
+                optimizer = optimizer.optimizer
             scatter_optimizer_state(self.model, optimizer, state)
         return checkpoint
 
@@ -278,8 +279,16 @@ class MoEIFSDPStrategy(_AdapterCheckpoints, FSDPStrategy):
     def mixed_precision_config(self) -> None:
         return None
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        """Wrap with the adapter-aware policy; ``device_id`` is the device itself, so CPU ranks (gloo) work too."""
+    def setup(self, trainer: Trainer) -> None:
+        """Wrap the model before Lightning's setup, which keeps a model it finds wrapped: units from the
+        adapter-aware policy, and ``device_id`` the device itself, so CPU ranks (gloo) work too."""
+        assert self.model is not None
+        if not any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            self.model = self.wrap(self.precision_plugin.convert_module(self.model))
+        super().setup(trainer)
+
+    def wrap(self, model: nn.Module) -> FullyShardedDataParallel:
+        """``model`` in FSDP1 units, with activation checkpointing on the blocks the strategy names."""
         wrapped = FullyShardedDataParallel(
             module=model,
             auto_wrap_policy=adapter_wrap_policy(model, self.layer_class_paths),

@@ -30,19 +30,12 @@ os.environ.setdefault("MOEI_CACHE", tempfile.mkdtemp(prefix="moei-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOEI_SHARED_DATA", REPO.parent / "shared" / "data"))
-TINY = str(REPO / "conf" / "tiny.yaml")
 SAMPLES = REPO / "moei_lightning" / "data" / "samples"
-# Tests that run conf/tiny.yaml for what it does (fits, resumes, signals, DDP/FSDP), not for the embedded default's
-# model, adapted layers, routing rates and data, pin these here: the small random tiny-llama with the family's default
-# targets (q_proj, v_proj), router and gate at 10x the adapters' rate (at 100x, 2-rank and 1-rank adapters
-# drift apart by 2.5e-5 in 4 steps, past test_distributed's 1e-5), on the small bundled samples.
-PINNED = [
-    "--model.backbone.name_or_path=tiny-llama",
-    "--model.molora.target_modules=null",
-    "--model.router_lr_scale=10",
-    "--model.gate_lr_scale=10",
-    *(f"--data.{d}_{s}=[{SAMPLES / d / f'{s}.jsonl'}]" for d in ("ei", "gi") for s in ("train", "val", "test")),
-]
+# The tests' own configs (tests/configs/), not conf/'s: retuning the embedded demo changes no test.
+TEST_CONF = REPO / "tests" / "configs"
+LLAMA_CONFIG = str(TEST_CONF / "llama.yaml")
+T5_CONFIG = str(TEST_CONF / "t5.yaml")
+EVAL_CONFIG = str(TEST_CONF / "eval.yaml")
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -59,7 +52,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 
 @pytest.fixture(autouse=True)
 def no_run_directory_from_an_earlier_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CLI built in-process without ``main`` (``MoEICLI(..., run=False)``) sets MOEI_RUN_DIR for the processes
+    """A CLI built in-process without ``main`` (``MoEICLI(...)``) sets MOEI_RUN_DIR for the processes
     its run would start; the next test must not inherit that run's directory."""
     from moei_lightning.cli import RUN_DIR_ENV  # here: transformers must be imported after HF_HUB_OFFLINE is set
 

@@ -19,7 +19,7 @@ from moei_lightning.callbacks.stats_files import ROUTER_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig, RoutingRecord
-from tests.conftest import PINNED, TINY, one_per_task, run_cli
+from tests.conftest import LLAMA_CONFIG, one_per_task, run_cli
 
 GROUPS = ("ei", "gi", "perception", "cognition", "expression")
 
@@ -153,7 +153,7 @@ def test_offline_wandb_run_and_local_rows_match_the_logger(offline_fit: SimpleNa
 
 
 def _fit_rows(tmp_path: Path, name: str, *args: str) -> list[dict]:
-    common = ["fit", "--config", TINY, *PINNED, "--trainer.max_epochs=1"]
+    common = ["fit", "--config", LLAMA_CONFIG, "--trainer.max_epochs=1"]
     common += ["--trainer.limit_train_batches=4", "--trainer.log_every_n_steps=2", "--trainer.logger=false"]
     common += ["--ei_metrics.stages=[]", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"]
     common += [f"--data.{split}=[{path}]" for split, (path,) in one_per_task("val", tmp_path).items()]

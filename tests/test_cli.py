@@ -2,6 +2,7 @@
 in-process (``main(args)`` parses, exits and prints exactly as the process does)."""
 
 import glob
+import inspect
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from moei_lightning.data import MoEIDataModule
 from moei_lightning.export import ADAPTER_PARAMS
 from moei_lightning.module import MoEIModule
 from moei_lightning.molora import load_adapter
-from tests.conftest import PINNED, REPO, TINY, run_cli
+from tests.conftest import LLAMA_CONFIG, T5_CONFIG, run_cli
 
 
 def exit_code(args: list[str]) -> int | str | None:
@@ -26,13 +27,13 @@ def exit_code(args: list[str]) -> int | str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-t5.yaml"])
+@pytest.mark.parametrize("config", [LLAMA_CONFIG, T5_CONFIG], ids=["llama", "t5"])
 def test_fit_leaves_adapter_checkpoint_config_and_offline_wandb_run(config: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(
         "fit",
         "--config",
-        str(REPO / "conf" / config),
+        config,
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=4",
         "--trainer.limit_val_batches=1",
@@ -60,7 +61,7 @@ def test_runs_get_their_own_directories(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    assert exit_code(["fit", "--config", TINY, "--print_config"]) in (0, None)
+    assert exit_code(["fit", "--config", LLAMA_CONFIG, "--print_config"]) in (0, None)
     assert "seed_everything:" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()  # printing the config starts no run
     assert RUN_DIR_ENV not in os.environ
@@ -73,9 +74,9 @@ def test_runs_get_their_own_directories(
 
 @pytest.mark.parametrize("mode", ["omegaconf", "omegaconf+"])
 def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path) -> None:
-    args = ["--config", str(REPO / "conf" / "tiny.yaml"), "--seed_everything=7", f"--run_dir={tmp_path}"]
+    args = ["--config", LLAMA_CONFIG, "--seed_everything=7", f"--run_dir={tmp_path}"]
     register_resolvers()  # what main() does first: the file names its data with ${samples:...}
-    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": mode})
+    cli = MoEICLI(MoEIModule, MoEIDataModule, command="validate", args=args, parser_kwargs={"parser_mode": mode})
     assert cli.config.seed_everything == 7
     # omegaconf resolves ${seed_everything} when the file is read, before the override;
     # omegaconf+ (what python -m moei_lightning uses) resolves after merging every source.
@@ -84,13 +85,13 @@ def test_command_line_override_reaches_interpolations(mode: str, tmp_path: Path)
 
 
 def test_bad_config_key_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert exit_code(["fit", "--config", TINY, "--model.lambda_intr=1"]) == 2
+    assert exit_code(["fit", "--config", LLAMA_CONFIG, "--model.lambda_intr=1"]) == 2
     assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lambda_intr: 1\n")
-    assert exit_code(["fit", "--config", TINY, "--config", str(typo)]) == 2
+    assert exit_code(["fit", "--config", LLAMA_CONFIG, "--config", str(typo)]) == 2
     assert "unknown config key 'model.lambda_intr'; did you mean 'model.lambda_inter'?" in capsys.readouterr().err
-    assert exit_code(["fit", "--config", TINY, "--model.molora.num_expert=2"]) == 2
+    assert exit_code(["fit", "--config", LLAMA_CONFIG, "--model.molora.num_expert=2"]) == 2
     hint = "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
     assert capsys.readouterr().err.strip().splitlines() == [hint]
 
@@ -99,7 +100,7 @@ def test_bad_data_file_is_a_clean_file_line_error(tmp_path: Path, capsys: pytest
     bad = tmp_path / "bad.jsonl"
     good = '{"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}'
     bad.write_text(good + "\n" + good.replace("perception", "telepathy") + "\n")
-    args = ["fit", "--config", TINY, *PINNED, f"--data.ei_train=[{bad}]", "--trainer.logger=false"]
+    args = ["fit", "--config", LLAMA_CONFIG, f"--data.ei_train=[{bad}]", "--trainer.logger=false"]
     assert exit_code([*args, f"--run_dir={tmp_path}/r"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "aspect" in err
@@ -114,7 +115,7 @@ def wandb_runs(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_lines(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    common = ["--config", TINY, *PINNED, "--trainer.limit_train_batches=2"]
+    common = ["--config", LLAMA_CONFIG, "--trainer.limit_train_batches=2"]
     common += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     common += ["--progress_bar.lines_every_n_steps=1"]
     first = run_cli("fit", *common, "--trainer.max_epochs=1", f"--run_dir={run_dir}", cwd=tmp_path)
@@ -144,18 +145,22 @@ def test_resume_test_continue_the_run_directory_and_wandb_run_with_progress_line
 
 def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = ["--config", TINY, f"--run_dir={tmp_path}"]
+    args = ["--config", LLAMA_CONFIG, f"--run_dir={tmp_path}"]
     args.append("--model.optimizer.init_args.lr=0.01")
     register_resolvers()
-    cli = MoEICLI(MoEIModule, MoEIDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
+    cli = MoEICLI(
+        MoEIModule, MoEIDataModule, command="validate", args=args, parser_kwargs={"parser_mode": "omegaconf+"}
+    )
     (tmp_path / "config.yaml").write_text("seed_everything: 42\n")
     MoEISaveConfig(cli.parser, cli.config).save_config(cli.trainer, cli.model, "fit")
     experiment = cli.trainer.logger.experiment
     try:
         config = experiment.config.as_dict()
         assert config["model"]["optimizer"]["init_args"]["lr"] == 0.01
-        in_file = yaml.safe_load(Path(TINY).read_text())["trainer"]["max_epochs"]
-        assert config["trainer"]["max_epochs"] == in_file and config["data"]["batch_size"] == 8  # file, code default
+        in_file = yaml.safe_load(Path(LLAMA_CONFIG).read_text())
+        assert config["trainer"]["max_epochs"] == in_file["trainer"]["max_epochs"]  # from the file
+        template = inspect.signature(MoEIDataModule).parameters["prompt_template"].default
+        assert "prompt_template" not in in_file["data"] and config["data"]["prompt_template"] == template  # the code's
         assert (Path(experiment.dir) / "lightning_config.yaml").read_text() == "seed_everything: 42\n"
     finally:
         experiment.finish()
@@ -164,7 +169,7 @@ def test_wandb_run_config_holds_the_whole_resolved_config(tmp_path: Path, monkey
 @pytest.mark.slow
 def test_misspelt_key_is_one_line_with_the_closest_key(tmp_path: Path) -> None:
     """The whole stderr of the process, imports included, is that one line."""
-    result = run_cli("fit", "--config", TINY, "--model.molora.num_expert=2", cwd=tmp_path)
+    result = run_cli("fit", "--config", LLAMA_CONFIG, "--model.molora.num_expert=2", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'model.molora.num_expert'; did you mean 'model.molora.num_experts'?"
@@ -178,6 +183,14 @@ def test_help_names_the_program_and_every_command(capsys: pytest.CaptureFixture)
     for command in ("fit", "validate", "test", "predict", "export", "generate", "lm-eval"):
         assert f"\n    {command} " in out, command
     assert "--debug" in out
+
+
+def test_the_command_comes_first(capsys: pytest.CaptureFixture) -> None:
+    assert exit_code(["--config", LLAMA_CONFIG, "fit"]) == 2
+    known = "the command line starts with one of fit, validate, test, predict, export, generate, lm-eval"
+    assert capsys.readouterr().err == f"error: '--config' is not a command; {known}\n"
+    assert exit_code([]) == 2
+    assert capsys.readouterr().err == f"error: no command given; {known}\n"
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "export", "generate"])

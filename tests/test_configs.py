@@ -12,7 +12,8 @@ import yaml
 from lightning.pytorch import Trainer
 
 from moei_lightning import config_reference
-from moei_lightning.cli import BASE_KEY, main, resolve_bases
+from moei_lightning.cli import main
+from moei_lightning.config_parser import BASE_KEY, resolve_bases
 from moei_lightning.errors import ConfigError
 from tests.conftest import REPO
 

@@ -389,15 +389,7 @@ def test_setup_reads_tokenizer_and_kind_from_the_module(tmp_path, llama_tok):
     assert [e.record.domain for e in dm.examples("train")] == ["ei"] * 10 + ["gi"] * 6
     progress = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace())))
     progress.epoch_loop.batch_progress.current.completed = 0  # a fresh epoch
-    dm.trainer = SimpleNamespace(
-        global_rank=1,
-        world_size=2,
-        _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
-        fit_loop=progress,
-    )
-    with pytest.raises(DataError, match="use_distributed_sampler: false"):
-        dm.train_dataloader()
-    dm.trainer._accelerator_connector.use_distributed_sampler = False
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, fit_loop=progress)
     loader = dm.train_dataloader()
     assert (loader.batch_sampler.rank, loader.batch_sampler.world_size, len(loader)) == (1, 2, 2)
     assert all(int((b["domain"] == 0).sum()) == 1 for b in loader)

@@ -11,7 +11,7 @@ from jsonargparse import ArgumentParser
 from moei_lightning.cli import main
 from moei_lightning.data import DataError, EiRecord, MoEIDataModule
 from moei_lightning.data.sources import DataSource, load_source_records
-from tests.conftest import REPO
+from tests.conftest import LLAMA_CONFIG
 
 datasets = pytest.importorskip("datasets")
 
@@ -175,7 +175,7 @@ def test_config_file_entries_reach_the_datamodule(
     config = tmp_path / "data.yaml"
     config.write_text(yaml.safe_dump({"data": {"ei_train": [entry], "columns": {"input": "input"}}}))
     monkeypatch.setattr(sys, "argv", ["moei_lightning"])
-    base = ["fit", "--config", str(REPO / "conf" / "tiny.yaml"), "--config", str(config), "--print_config"]
+    base = ["fit", "--config", LLAMA_CONFIG, "--config", str(config), "--print_config"]
     with pytest.raises(SystemExit) as done:
         main(base)
     assert done.value.code in (0, None)

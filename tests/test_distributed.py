@@ -33,7 +33,7 @@ from moei_lightning.module import MoEIModule
 from moei_lightning.molora import MoLoRAConfig
 from moei_lightning.sharding import block_classes, import_class
 from moei_lightning.strategies import clean_name, read_checkpoint
-from tests.conftest import PINNED, REPO, SAMPLES, TINY, run_benchmark
+from tests.conftest import LLAMA_CONFIG, REPO, SAMPLES, T5_CONFIG, run_benchmark
 
 STRATEGY = {name: str(REPO / "conf" / "strategy" / f"{name}.yaml") for name in ("ddp", "fsdp", "fsdp2")}
 TWO_RANKS = ["--trainer.devices=2"]
@@ -44,8 +44,7 @@ TWO_RANKS = ["--trainer.devices=2"]
 TRAIN = [
     "fit",
     "--config",
-    TINY,
-    *PINNED,  # the backbone whose digest fresh_backbone_digest takes, and the bundled samples
+    LLAMA_CONFIG,  # the backbone whose digest fresh_backbone_digest takes, and the bundled samples
     "--trainer.max_steps=4",
     "--trainer.limit_val_batches=0",
     "--trainer.logger=false",
@@ -254,7 +253,7 @@ def test_encoder_decoder_generates_under_fsdp2_before_any_training(workdir: Path
     result = run_distributed(
         "validate",
         "--config",
-        str(REPO / "conf" / "tiny-t5.yaml"),
+        T5_CONFIG,
         "--config",
         STRATEGY["fsdp2"],
         *TWO_RANKS,

@@ -29,6 +29,7 @@ from moei_lightning.eval.eqbench import (
     score_responses,
     score_run,
 )
+from tests.conftest import load_benchmark
 
 # The reference harness's recorded runs: file -> (benchmark_score, n_questions_parseable, mode).
 RECORDED = {
@@ -442,3 +443,85 @@ def test_cli_names_the_file_with_unknown_question_ids(tmp_path):
     assert done.returncode == 2
     assert "replies.json" in done.stderr
     assert "['42']" in done.stderr
+
+
+# benchmarks/eqbench_rescore.py: the harness's stored answers rescored with this scorer.
+
+
+def harness_file(path, answers: dict[str, tuple[dict[str, int], dict[str, int]]], score: float, parseable: float):
+    """A results file laid out as the reference harness writes one, intensities stored as strings."""
+    stored = {
+        qid: {"first_pass": {k: str(v) for k, v in first.items()}, "revised": {k: str(v) for k, v in rev.items()}}
+        for qid, (first, rev) in answers.items()
+    }
+    data = {
+        "benchmark_score": score,
+        "n_questions_parseable": parseable,
+        "eqbench_version": "v2",
+        "raw_results": {"1": {"respondent_answers": stored, "individual_scores": {}, "raw_inference": {}}},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_rescore_reads_a_revise_run_with_an_all_zero_first_pass(shared_data, tmp_path):
+    rescore = load_benchmark("eqbench_rescore")
+    questions = load_questions(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json")
+    ids = list(questions)[:10]
+    refs = {qid: dict(questions[qid].reference) for qid in ids}
+    zeros = {name: 0 for name in refs[ids[0]]}
+    answers = {qid: (refs[qid], refs[qid]) for qid in ids[1:8]}
+    answers[ids[0]] = (zeros, refs[ids[0]])  # kept for its revision; its all-zero first pass still counts
+    for qid in ids[8:]:
+        answers[qid] = (refs[qid], {})  # no revision: 8 of 10 is under 0.95, so the first pass is final
+    zeros_score = score_question(zeros, questions[ids[0]])
+    expected = round(10 * (9 * 10 + zeros_score) / 10, 2)
+    assert expected < 100  # an all-zero pass left out would give 100
+    path = harness_file(tmp_path / "m__revise_eqbench_v2_results.json", answers, expected, 10.0)
+
+    row = rescore.rescore(path, {"v2": questions})
+    assert (row.name, row.mode, row.score, row.parseable, row.difference) == ("m__revise", "revise", expected, 10, 0)
+    assert rescore.mismatches([row], set()) == []
+
+
+def test_rescore_reads_a_no_revise_run_and_flags_a_mismatch(shared_data, tmp_path, capsys):
+    rescore = load_benchmark("eqbench_rescore")
+    questions_file = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
+    questions = load_questions(questions_file)
+    ids = list(questions)[:5]
+    refs = {qid: dict(questions[qid].reference) for qid in ids}
+    missed = {name: min(value + 2, 10) if i == 0 else value for i, (name, value) in enumerate(refs[ids[0]].items())}
+    answers = {qid: (refs[qid], {}) for qid in ids[1:]}
+    answers[ids[0]] = (missed, {})
+    expected = round(10 * (4 * 10 + score_question(missed, questions[ids[0]])) / 5, 2)
+    good = harness_file(tmp_path / "good_eqbench_v2_results.json", answers, expected, 5.0)
+    (tmp_path / "sub").mkdir()
+    bad = harness_file(tmp_path / "sub" / "bad_eqbench_v2_results.json", answers, expected + 1, 5.0)
+
+    row = rescore.rescore(good, {"v2": questions})
+    assert (row.mode, row.score, row.parseable) == ("no_revise", expected, 5)
+    assert rescore.result_files([tmp_path]) == [good, bad]
+    assert rescore.main([str(tmp_path), "--questions", str(questions_file)]) == 1
+    out = capsys.readouterr().out
+    assert "| bad | no_revise |" in out and "unexpected mismatches: bad" in out
+    args = [str(tmp_path), "--questions", str(questions_file), "--expect-mismatch", "bad"]
+    assert rescore.main(args) == 0
+
+
+def test_rescore_reproduces_the_recorded_runs_from_their_stored_answers(shared_data):
+    rescore = load_benchmark("eqbench_rescore")
+    questions = {"v2": load_questions(shared_data / "eq-bench" / "eq_bench_v2_questions_171.json")}
+    for name, (score, parseable, mode) in RECORDED.items():
+        row = rescore.rescore(shared_data / "eq-bench" / name, questions)
+        assert (row.mode, row.stored_score, row.score, row.parseable) == (mode, score, score, parseable), name
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", '{"raw_results": {}}', '{"benchmark_score": 1, "raw_results": {"1": {}}}']
+)
+def test_rescore_fails_cleanly_on_a_file_that_is_not_a_harness_result(shared_data, tmp_path, content, capsys):
+    path = tmp_path / "x_eqbench_v2_results.json"
+    path.write_text(content)
+    questions = shared_data / "eq-bench" / "eq_bench_v2_questions_171.json"
+    assert load_benchmark("eqbench_rescore").main([str(path), "--questions", str(questions)]) == 2
+    assert str(path) in capsys.readouterr().err

@@ -14,7 +14,7 @@ from moei_lightning.callbacks import PaperEvaluation
 from moei_lightning.callbacks.stats_files import METRICS_FILE, read_rows
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule
-from tests.conftest import PINNED, REPO, run_cli
+from tests.conftest import EVAL_CONFIG, LLAMA_CONFIG, REPO, T5_CONFIG, run_cli
 
 TABLES = {"eibench", "eibench_aspects", "gi", "eqbench", "emobench", "emotion_prompt"}
 SUITE_LABELS = {"EI", "GI", "EQ-Bench v2", "EmoBench", "EmotionPrompt"}
@@ -24,10 +24,9 @@ def eval_args(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "test",
         "--config",
-        str(REPO / "conf" / "tiny.yaml"),
+        LLAMA_CONFIG,
         "--config",
-        str(REPO / "conf" / "eval" / "tiny.yaml"),
-        *PINNED,
+        EVAL_CONFIG,
         f"--eval.eqbench_questions={shared_data / 'eq-bench' / 'eq_bench_v2_questions_171.json'}",
         f"--eval.emobench_dir={shared_data / 'emobench'}",
         f"--run_dir={run_dir}",
@@ -155,9 +154,9 @@ def test_seq2seq_under_fsdp2_gives_the_one_process_report(tmp_path: Path) -> Non
     base = [
         "test",
         "--config",
-        str(REPO / "conf" / "tiny-t5.yaml"),
+        T5_CONFIG,
         "--config",
-        str(REPO / "conf" / "eval" / "tiny.yaml"),
+        EVAL_CONFIG,
     ]
     base += ["--eval.limit=2", "--eval.suites=[eibench,gi]", "--ei_metrics.stages=[]", "--router_stats.stages=[]"]
     base += ["--trainer.logger=false"]

@@ -17,7 +17,7 @@ from moei_lightning.cli import main
 from moei_lightning.data import SAMPLES_DIR
 from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
 from moei_lightning.notebooks import output_dir, resolve, wilson
-from tests.conftest import PINNED, REPO, TINY
+from tests.conftest import LLAMA_CONFIG, REPO
 
 KERNEL = "moei-notebook-test"
 
@@ -48,7 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         env.delenv("MOEI_RUN_DIR", raising=False)
         env.setattr(sys, "argv", ["moei_lightning"])  # the CLI reads its arguments from args, not pytest's
         for adapter in ("molora", "lora"):
-            args = ["fit", "--config", TINY, *PINNED, f"--model.adapter={adapter}"]
+            args = ["fit", "--config", LLAMA_CONFIG, f"--model.adapter={adapter}"]
             args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.log_every_n_steps=2"]
             args += ["--trainer.logger=false", "--model.max_new_tokens=4", f"--run_dir={root / adapter}"]
             args += [f"--data.ei_val={val['ei']}", f"--data.gi_val={val['gi']}"]

@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from safetensors.torch import load_file, save_file
 
 from moei_lightning import cli
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer
+from moei_lightning.callbacks.interrupt import InterruptCheckpoint
 from moei_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint_file
 from moei_lightning.cli import RUN_DIR_ENV, MoEICLI
 from moei_lightning.data import DataError, MoEIDataModule, load_prompts, load_records
@@ -29,9 +32,9 @@ from moei_lightning.molora import MoLoRAConfig, adapter_state_dict, inject_molor
 from moei_lightning.molora.errors import MoLoRAError
 from moei_lightning.run_lock import lock_run_dir, release_run_dirs
 from moei_lightning.strategies import read_checkpoint
-from tests.conftest import PINNED, REPO, TINY, run_cli
+from tests.conftest import LLAMA_CONFIG, REPO, run_cli
 
-TINY_FIT = ("fit", "--config", TINY, *PINNED, "--trainer.logger=false")  # tiny.yaml's checkpoints: last.ckpt only
+FIT = ("fit", "--config", LLAMA_CONFIG, "--trainer.logger=false")  # the config's checkpoints: last.ckpt only
 RECORD = {"task": "t", "domain": "ei", "aspect": "perception", "instruction": "i", "input": "x", "output": "y"}
 
 
@@ -226,7 +229,10 @@ def test_every_checkpoint_loader_refuses_a_malicious_pickle(tmp_path, capsys):
         with pytest.raises(CheckpointError, match="refused to load") as info:
             load()
         assert "posix.system" in str(info.value) or "system" in str(info.value), name
-    for args in (["export", str(evil), str(tmp_path / "out")], ["test", "--config", TINY, f"--ckpt_path={evil}"]):
+    for args in (
+        ["export", str(evil), str(tmp_path / "out")],
+        ["test", "--config", LLAMA_CONFIG, f"--ckpt_path={evil}"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([*args, f"--run_dir={tmp_path}/run"] if args[0] != "export" else args)
         assert exit_info.value.code == 2
@@ -273,7 +279,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monke
 def test_a_full_disk_stops_fit_with_one_line(tmp_path, capsys, monkeypatch):
     fill_the_disk(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([*TINY_FIT, "--trainer.max_steps=1", f"--run_dir={tmp_path}/run"])
+        cli.main([*FIT, "--trainer.max_steps=1", f"--run_dir={tmp_path}/run"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "last.ckpt: disk full" in errors[0], errors
@@ -286,7 +292,9 @@ def test_a_checkpoint_holding_nan_is_refused_by_export_and_test(tmp_path, capsys
     torch.save({"state_dict": state, "hyper_parameters": hparams()}, checkpoint)
     runs = {
         "export": lambda: export_main([str(checkpoint), str(tmp_path / "out")]),
-        "test": lambda: cli.main(["test", "--config", TINY, f"--ckpt_path={checkpoint}", f"--run_dir={tmp_path}/r"]),
+        "test": lambda: cli.main(
+            ["test", "--config", LLAMA_CONFIG, f"--ckpt_path={checkpoint}", f"--run_dir={tmp_path}/r"]
+        ),
     }
     for name, run in runs.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -390,11 +398,20 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", TINY, override.replace("{tmp}", str(tmp_path)), "--trainer.logger=false"])
+        cli.main(["fit", "--config", LLAMA_CONFIG, override.replace("{tmp}", str(tmp_path)), "--trainer.logger=false"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
     assert RUN_DIR_ENV not in os.environ  # a run's directory does not leak into the next main() of the process
+
+
+def test_lightnings_distributed_sampler_is_refused_under_data_parallelism(tmp_path, capsys):
+    """The DataModule shards batches across ranks itself; Lightning's sampler would shard them again."""
+    args = ["fit", "--config", LLAMA_CONFIG, "--trainer.logger=false", f"--run_dir={tmp_path}/run"]
+    args += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distributed_sampler=true"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2 and "(YAML: trainer.use_distributed_sampler: false)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -414,12 +431,12 @@ def test_config_errors_are_one_line_and_exit_2(override, message, tmp_path, caps
 )
 def test_type_and_choice_errors_are_one_line_naming_key_value_and_allowed(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", TINY, override, "--trainer.logger=false"])
+        cli.main(["fit", "--config", LLAMA_CONFIG, override, "--trainer.logger=false"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {message}" or (err.startswith(f"error: {message}") and len(err.splitlines()) == 1), err
     with pytest.raises(SystemExit):
-        cli.main(["fit", "--config", TINY, override, "--debug"])
+        cli.main(["fit", "--config", LLAMA_CONFIG, override, "--debug"])
     assert "usage:" in capsys.readouterr().err  # --debug keeps the parser's whole report
 
 
@@ -433,7 +450,7 @@ def test_bad_trainer_and_optimizer_values_stop_before_the_wandb_run_starts(tmp_p
     for override, message in cases.items():
         run = tmp_path / override.split("=")[0].strip("-")
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["fit", "--config", TINY, override, f"--run_dir={run}"])
+            cli.main(["fit", "--config", LLAMA_CONFIG, override, f"--run_dir={run}"])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
@@ -458,7 +475,7 @@ def test_a_ckpt_path_that_does_not_fit_the_model_is_one_line(tmp_path, capsys):
         str(checkpoint): f"--ckpt_path {checkpoint}: 12 tensors have other shapes than this model's",
     }
     for ckpt_path, message in cases.items():
-        args = ["test", "--config", TINY, *PINNED, "--model.molora.num_experts=4", "--trainer.logger=false"]
+        args = ["test", "--config", LLAMA_CONFIG, "--model.molora.num_experts=4", "--trainer.logger=false"]
         with pytest.raises(SystemExit) as exit_info:
             cli.main([*args, f"--ckpt_path={ckpt_path}", f"--run_dir={tmp_path}/run"])
         assert exit_info.value.code == 2
@@ -477,7 +494,7 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
 
         monkeypatch.setattr(cli.tempfile, "TemporaryFile", read_only)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([*TINY_FIT, f"--run_dir={run}"])
+        cli.main([*FIT, f"--run_dir={run}"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"error: run_dir {run}: cannot write into it" in errors[0], errors
@@ -516,7 +533,7 @@ def test_a_fit_logged_to_wandb_writes_no_colour_codes_into_a_log_file(tmp_path):
         env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
         for key in (RUN_DIR_ENV, "WANDB_SILENT"):  # W&B's closing lines are what this checks
             env.pop(key, None)
-        command = [sys.executable, "-m", "moei_lightning", *TINY_FIT[:-1], "--trainer.max_steps=1"]
+        command = [sys.executable, "-m", "moei_lightning", *FIT[:-1], "--trainer.max_steps=1"]
         result = subprocess.run([*command, f"--run_dir={tmp_path}/run"], stdout=out, stderr=out, env=env, timeout=600)
     text = log.read_text()
     assert result.returncode == 0, text[-2000:]
@@ -536,7 +553,7 @@ def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as exit_info:
-            cli.main([*TINY_FIT, f"--run_dir={run}"])
+            cli.main([*FIT, f"--run_dir={run}"])
         assert exit_info.value.code == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"run_dir {run} is in use by another fit (process {holder.pid})" in errors[0]
@@ -549,7 +566,7 @@ def test_a_second_fit_into_a_busy_run_dir_is_refused_and_a_crash_frees_it(tmp_pa
 
 def test_unmatched_target_modules_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", TINY, *PINNED, "--model.molora.target_modules=[nope]", "--trainer.logger=false"]
+    args = ["fit", "--config", LLAMA_CONFIG, "--model.molora.target_modules=[nope]", "--trainer.logger=false"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2
@@ -567,7 +584,7 @@ def test_bad_data_stops_before_the_wandb_run_starts(tmp_path, capsys, monkeypatc
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**RECORD, "aspect": "telepathy"}) + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", TINY, f"--data.ei_train=[{bad}]", f"--run_dir={tmp_path}/run"])
+        cli.main(["fit", "--config", LLAMA_CONFIG, f"--data.ei_train=[{bad}]", f"--run_dir={tmp_path}/run"])
     assert exit_info.value.code == 2 and "bad.jsonl:1" in capsys.readouterr().err
     assert not (tmp_path / "run" / "wandb").exists()
 
@@ -583,7 +600,7 @@ def saved_hparams_checkpoint(tmp_path) -> Path:
 def test_ckpt_path_with_a_conflicting_adapter_override_is_an_error(saved_hparams_checkpoint, tmp_path, capsys):
     for override in ("--model.molora.num_experts=4", "--model.adapter=lora", "--model.molora.rank=4"):
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["test", "--config", TINY, f"--ckpt_path={saved_hparams_checkpoint}", override])
+            cli.main(["test", "--config", LLAMA_CONFIG, f"--ckpt_path={saved_hparams_checkpoint}", override])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         key = override[2:].split("=")[0]
@@ -592,12 +609,12 @@ def test_ckpt_path_with_a_conflicting_adapter_override_is_an_error(saved_hparams
 
 def test_ckpt_path_honours_other_explicit_overrides(saved_hparams_checkpoint, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(MoEICLI, "_run_subcommand", lambda self, sub: seen.update(config=self.config[sub]))
-    args = ["test", "--config", TINY, f"--ckpt_path={saved_hparams_checkpoint}", f"--run_dir={tmp_path}/r"]
+    monkeypatch.setattr(MoEICLI, "run_command", lambda self: seen.update(config=self.config))
+    args = ["test", "--config", LLAMA_CONFIG, f"--ckpt_path={saved_hparams_checkpoint}", f"--run_dir={tmp_path}/r"]
     cli.main([*args, "--model.max_new_tokens=3", "--model.molora.num_experts=2"])
     config = seen["config"]
     assert config.model.max_new_tokens == 3  # the command line wins over the checkpoint's 16
-    assert config.model.molora.num_experts == 2  # the checkpoint wins over the config file's 4
+    assert config.model.molora.num_experts == 2  # the checkpoint wins over the config file's 8
     cli.main(args)
     assert seen["config"].model.max_new_tokens == 16 and seen["config"].model.molora.num_experts == 2
 
@@ -610,8 +627,7 @@ def test_predict_writes_predictions_jsonl_from_a_prompt_file(tmp_path):
         [
             "predict",
             "--config",
-            TINY,
-            *PINNED,
+            LLAMA_CONFIG,
             f"--data.predict={prompts}",
             "--model.max_new_tokens=4",
             "--trainer.logger=false",
@@ -635,7 +651,7 @@ EVERY_2_STEPS = (
 def fit_args(tmp_path: Path, *extra: str) -> list[str]:
     config = tmp_path / "every-2.yaml"
     config.write_text(EVERY_2_STEPS)
-    args = ["fit", "--config", TINY, *PINNED, "--config", str(config)]
+    args = ["fit", "--config", LLAMA_CONFIG, "--config", str(config)]
     return [*args, "--trainer.logger=false", "--model.molora.dropout=0.1"]
 
 
@@ -678,6 +694,25 @@ def test_a_signal_saves_a_checkpoint_that_resumes_bit_exactly(signum, uninterrup
         assert torch.equal(final[key], tensor), key
 
 
+def test_under_slurm_requeue_a_signal_saves_the_next_hpc_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint a requeued job of the same id resumes from by itself: one above the highest there."""
+    (tmp_path / "hpc_ckpt_2.ckpt").touch()
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+
+    def saved_to(environment: SLURMEnvironment | None) -> Path:
+        strategy = SimpleNamespace(cluster_environment=environment)
+        trainer = SimpleNamespace(strategy=strategy, default_root_dir=str(tmp_path), callbacks=[])
+        return Path(InterruptCheckpoint()._checkpoint_path(trainer))
+
+    assert saved_to(SLURMEnvironment()) == tmp_path / "hpc_ckpt_3.ckpt"
+    assert saved_to(SLURMEnvironment(auto_requeue=False)) == tmp_path / "checkpoints" / "last.ckpt"
+    assert saved_to(None) == tmp_path / "checkpoints" / "last.ckpt"  # one device, no SLURM
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert saved_to(None) == tmp_path / "hpc_ckpt_3.ckpt"  # one device under SLURM: Lightning requeues it
+
+
 @pytest.mark.slow
 def test_divergence_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
@@ -705,10 +740,10 @@ def test_divergence_stops_with_the_step_and_term_and_keeps_the_last_good_checkpo
 def test_a_resumed_fit_keeps_its_newest_state_in_last_ckpt(tmp_path):
     run = tmp_path / "run"
     stop = callback_arg("tests.conftest.SignalAtStep", step=2, signum=int(signal.SIGTERM))
-    interrupted = run_cli(*TINY_FIT, "--trainer.max_steps=4", stop, f"--run_dir={run}", cwd=tmp_path)
+    interrupted = run_cli(*FIT, "--trainer.max_steps=4", stop, f"--run_dir={run}", cwd=tmp_path)
     assert interrupted.returncode == 143, interrupted.stderr[-2000:]
     last = run / "checkpoints" / "last.ckpt"
-    resumed = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)  # into the same run
+    resumed = run_cli(*FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)  # into the same run
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert read_checkpoint_file(last)["global_step"] == 4
@@ -717,12 +752,12 @@ def test_a_resumed_fit_keeps_its_newest_state_in_last_ckpt(tmp_path):
 @pytest.mark.slow
 def test_a_finished_run_resumed_with_more_steps_trains_them(tmp_path):
     run = tmp_path / "run"
-    finished = run_cli(*TINY_FIT, "--trainer.max_steps=2", f"--run_dir={run}", cwd=tmp_path)
+    finished = run_cli(*FIT, "--trainer.max_steps=2", f"--run_dir={run}", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-2000:]
     last = run / "checkpoints" / "last.ckpt"
     before = read_checkpoint_file(last)
     assert (before["global_step"], before["epoch"]) == (2, 0)  # 2 of the epoch's batches: not a finished epoch
-    more = run_cli(*TINY_FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)
+    more = run_cli(*FIT, "--trainer.max_steps=4", f"--ckpt_path={last}", cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-2000:]
     after = read_checkpoint_file(last)
     assert after["global_step"] == 4

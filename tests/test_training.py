@@ -10,7 +10,7 @@ from moei_lightning.backbone import BackboneConfig
 from moei_lightning.data import MoEIDataModule
 from moei_lightning.module import MoEIModule, inter_loss
 from moei_lightning.molora import MoLoRAConfig, RoutingRecord
-from tests.conftest import PINNED, TINY, run_cli
+from tests.conftest import LLAMA_CONFIG, run_cli
 
 
 class LossHistory(Callback):
@@ -61,7 +61,7 @@ def test_resume_mid_epoch_ends_with_the_same_adapters(tmp_path: Path) -> None:
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {every_n_train_steps: 4, save_top_k: -1, filename: '{step}'}\n"
     )
-    common = ["fit", "--config", TINY, *PINNED, "--config", str(every_4_steps)]
+    common = ["fit", "--config", LLAMA_CONFIG, "--config", str(every_4_steps)]
     common += ["--trainer.max_steps=8", "--trainer.logger=false", "--model.molora.dropout=0.1"]
     whole = run_cli(*common, f"--run_dir={tmp_path}/whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]

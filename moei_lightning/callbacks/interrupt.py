@@ -14,6 +14,7 @@ directory instead, which a requeued job of the same id resumes from by itself.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from moei_lightning.errors import TrainingInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
 class InterruptCheckpoint(Callback):
@@ -92,9 +94,12 @@ class InterruptCheckpoint(Callback):
         )
 
     def _checkpoint_path(self, trainer: Trainer) -> str:
-        environment = trainer._accelerator_connector.cluster_environment
+        # A single-device strategy has no cluster environment; under SLURM Lightning gives it one that requeues.
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is None and SLURMEnvironment.detect():
+            environment = SLURMEnvironment()
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
-            return trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+            return hpc_checkpoint_path(Path(trainer.default_root_dir))
         dirpath = self.dirpath
         if dirpath is None:
             checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
@@ -106,6 +111,13 @@ class InterruptCheckpoint(Callback):
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+def hpc_checkpoint_path(root_dir: Path) -> str:
+    """Where the next SLURM requeue checkpoint goes: Lightning resumes a requeued job from the highest
+    ``hpc_ckpt_<n>.ckpt`` in the run directory, so this is ``n`` one above the highest there."""
+    numbers = [int(match.group(1)) for p in root_dir.glob("hpc_ckpt_*.ckpt") if (match := HPC_NAME.fullmatch(p.name))]
+    return str(root_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
 def _claim_last(trainer: Trainer, path: str) -> None:
@@ -120,4 +132,3 @@ def _claim_last(trainer: Trainer, path: str) -> None:
             continue
         if Path(callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)) == Path(path):
             callback.last_model_path = path
-

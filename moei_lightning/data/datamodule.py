@@ -6,8 +6,9 @@ LightningModule at ``setup``: ``trainer.lightning_module.tokenizer`` (a Hugging 
 ``setup`` before ``configure_model``, so the module must load its tokenizer in ``__init__``.
 Without a Trainer (tests, evaluation scripts) call :meth:`MoEIDataModule.attach` first.
 
-Under DDP or FSDP the Trainer must run with ``use_distributed_sampler=False``: the samplers here
-shard by ``trainer.global_rank`` / ``trainer.world_size`` themselves (see
+Under DDP or FSDP the Trainer must run with ``use_distributed_sampler=False`` (the command line's
+default, and it refuses ``true`` there): the samplers here shard by ``trainer.global_rank`` /
+``trainer.world_size`` themselves (see
 :mod:`moei_lightning.data.sampling` for how global batches map to ranks). The batch contract is in
 :mod:`moei_lightning.data.collate`.
 """
@@ -266,17 +267,9 @@ class MoEIDataModule(LightningDataModule):
         return [records[i] for i in keep]
 
     def _rank(self) -> tuple[int, int]:
-        """This process's rank and the world size; the sampler flag is checked here, where it matters."""
+        """This process's rank and the world size."""
         trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise DataError(
-                "MoEIDataModule shards batches across ranks itself; run the Trainer with "
-                "use_distributed_sampler=False (YAML: trainer.use_distributed_sampler: false)"
-            )
-        return trainer.global_rank, trainer.world_size
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
 
     def _pad_id(self) -> int:
         """The pad token, else EOS: padded positions are masked and labelled -100, so any valid id works."""

@@ -340,24 +340,31 @@ def score_question(answers: Mapping[str, int], question: Question, version: Vers
     return 10 - sum(abs(answers[name] / total * 10 - ref) for name, ref in question.reference_v1.items())
 
 
+def _accepted(first: Mapping[str, int], revised: Mapping[str, int], question: Question, mode: Mode) -> bool:
+    return _passes_v1_check(first, question) and (mode == "no_revise" or _passes_v1_check(revised, question))
+
+
+def _partial(first: Mapping[str, int], revised: Mapping[str, int], question: Question, mode: Mode) -> bool:
+    return mode == "revise" and (_passes_v1_check(first, question) or _passes_v1_check(revised, question))
+
+
 def accepted(text: str, question: Question, mode: Mode) -> bool:
     """Whether the harness takes this reply without asking again: every pass the mode asks for passes
     its v1 check (the four emotions, intensities not summing to 0), whatever the version."""
-    first, revised = parse_answers(text, mode)
-    return _passes_v1_check(first, question) and (mode == "no_revise" or _passes_v1_check(revised, question))
+    return _accepted(*parse_answers(text, mode), question, mode)
 
 
 def partial(text: str, question: Question, mode: Mode) -> bool:
     """Whether a revise-mode reply is kept once the attempts run out: one of its passes passes the v1 check."""
-    first, revised = parse_answers(text, mode)
-    return mode == "revise" and (_passes_v1_check(first, question) or _passes_v1_check(revised, question))
+    return _partial(*parse_answers(text, mode), question, mode)
 
 
-def _pass_scores(text: str, question: Question, mode: Mode, version: Version) -> QuestionScore:
+def _pass_scores(
+    first: Mapping[str, int], revised: Mapping[str, int], question: Question, mode: Mode, version: Version
+) -> QuestionScore:
     """Both passes scored, if the harness would have kept the reply at all; else neither counts."""
-    if not (accepted(text, question, mode) or partial(text, question, mode)):
+    if not (_accepted(first, revised, question, mode) or _partial(first, revised, question, mode)):
         return QuestionScore(first_pass=None, revised=None)
-    first, revised = parse_answers(text, mode)
     return QuestionScore(score_question(first, question, version), score_question(revised, question, version))
 
 
@@ -379,16 +386,28 @@ def score_responses(
 ) -> EqBenchResult:
     """Score one iteration of replies (question id -> reply text) against the questions."""
     _check_mode(mode)
+    return score_parsed({qid: parse_answers(text, mode) for qid, text in responses.items()}, questions, mode, version)
+
+
+def score_parsed(
+    answers: Mapping[str, tuple[Mapping[str, int], Mapping[str, int]]],
+    questions: Mapping[str, Question],
+    mode: Mode = DEFAULT_MODE,
+    version: Version | None = None,
+) -> EqBenchResult:
+    """Score one iteration of parsed replies (question id -> (first pass, revised) intensities, as
+    :func:`parse_answers` gives them or the harness stores them as ``respondent_answers``)."""
+    _check_mode(mode)
     version = version or questions_version(questions)
-    unknown = [qid for qid in responses if qid not in questions]
+    unknown = [qid for qid in answers if qid not in questions]
     if unknown:
         raise EqBenchInputError(
             f"replies for {len(unknown)} question id(s) not in the question file, e.g. {unknown[:5]}; "
             "score them against the question file the model was asked"
         )
     per_question = {
-        qid: _pass_scores(responses[qid], question, mode, version)
-        if qid in responses
+        qid: _pass_scores(*answers[qid], question, mode, version)
+        if qid in answers
         else QuestionScore(first_pass=None, revised=None)
         for qid, question in questions.items()
     }
@@ -406,7 +425,7 @@ def score_responses(
         revised_parseable=revised_parseable,
         n_questions=len(questions),
         unparseable_ids=tuple(qid for qid, s in per_question.items() if getattr(s, chosen) is None),
-        missing_ids=tuple(qid for qid in questions if qid not in responses),
+        missing_ids=tuple(qid for qid in questions if qid not in answers),
         per_question=per_question,
         mode=mode,
         version=version,
