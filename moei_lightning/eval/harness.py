@@ -62,14 +62,14 @@ class Harness:
 
     def run(self, suites: Sequence[Suite], inputs: Mapping[str, Any], progress: Progress | None = None) -> Results:
         """Every suite on its loaded ``inputs``, in order; ``progress`` hears when each begins."""
-        results = Results()
+        self.truncated, self.scored = Counter(), Counter()  # this run's counts, not an earlier run's as well
+        results = Results(truncated=self.truncated, scored=self.scored)
         for suite in suites:
             if progress is not None:
                 progress.start(suite.name, suite.count(inputs[suite.name]))
             results.outcomes[suite.name] = suite.run(self, inputs[suite.name], results.outcomes)
         if progress is not None:
             progress.close()
-        results.truncated, results.scored = Counter(self.truncated), Counter(self.scored)
         return results
 
     def choices(self, items: list[Item], suite: str) -> list[ChoiceOutcome]:
