@@ -1,10 +1,13 @@
 """lm-evaluation-harness through MoEILM, on a local task: HFLM's numbers for a merged LoRA, the project's scorer's
-numbers for MoEI (routed from each request's context), and the `lm-eval` command's table and results file."""
+numbers for MoEI (routed from each request's context), the `lm-eval` command's table and results file, and the
+`lm_eval` suite of `test` (one process and two ranks)."""
 
 import json
 from pathlib import Path
 
+import lightning
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'moei_lightning[lm-eval]')")
 
@@ -14,12 +17,17 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import moei_lightning  # noqa: E402
 from moei_lightning.backbone import BackboneConfig, load_backbone, load_tokenizer  # noqa: E402
+from moei_lightning.callbacks import PaperEvaluation  # noqa: E402
 from moei_lightning.cli import main  # noqa: E402
-from moei_lightning.data import EiRecord, Encoder, PromptFormatter  # noqa: E402
+from moei_lightning.data import DataError, EiRecord, Encoder, PromptFormatter  # noqa: E402
 from moei_lightning.eval.choices import choice_loglikelihoods  # noqa: E402
+from moei_lightning.eval.registry import load_inputs  # noqa: E402
+from moei_lightning.eval.suite import Source  # noqa: E402
 from moei_lightning.export import export_checkpoint  # noqa: E402
 from moei_lightning.lm_eval_model import MoEILM  # noqa: E402
 from moei_lightning.runner import generate_texts  # noqa: E402
+from tests.conftest import LLAMA_CONFIG, ThreadWorld  # noqa: E402
+from tests.test_eval_harness import tiny_harness  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
 
 TASK = "moei_local_mc"
@@ -165,3 +173,56 @@ def test_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
             main(["lm-eval", "--adapter", str(directory), "--tasks", TASK, "--include_path", str(tmp_path)])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+
+
+def test_the_test_command_runs_lm_eval_tasks_on_the_checkpoint(tmp_path: Path) -> None:
+    path, _ = make_checkpoint(tmp_path, "molora")
+    adapter = export_checkpoint(path, tmp_path / "moei", "moei")
+    tasks = write_task(tmp_path / "tasks", [f"Question: {q}\nAnswer:" for q, _, _ in QUESTIONS])
+    expected, _ = evaluate(MoEILM(adapter=str(adapter), batch_size=4), tasks)
+    assert expected == {"acc": 1 / 6, "acc_norm": 1 / 6}
+    torch.save({**torch.load(path), "pytorch-lightning_version": lightning.__version__}, path)  # as `fit` saves it
+    run = tmp_path / "run"
+    main(["test", "--config", LLAMA_CONFIG, f"--ckpt_path={path}", f"--run_dir={run}", "--trainer.logger=false",
+          "--eval.suites=[lm_eval]", f"--eval.lm_eval_tasks={TASK}", f"--eval.lm_eval_include_path={tasks}",
+          "--eval.batch_size=4"])  # fmt: skip
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    for metric, value in expected.items():
+        assert report["metrics"][f"test/lm_eval/{TASK}/{metric}"] == pytest.approx(100 * value, abs=1e-4)
+    assert [row[0] for row in report["tables"]["lm_eval"]["rows"]] == [TASK, TASK]
+    written = json.loads((run / "lm_eval_results.json").read_text(encoding="utf-8"))
+    assert {m: written["results"][TASK][f"{m},none"] for m in expected} == expected  # lm-eval's own file
+    assert written["n-samples"][TASK]["effective"] == 6 and "lm_eval" in report["config"]["eval"]["suites"]
+
+
+def test_two_ranks_share_the_requests_and_get_the_one_process_results(tmp_path: Path) -> None:
+    tasks = write_task(tmp_path / "tasks", [f"Question: {q}\nAnswer:" for q, _, _ in QUESTIONS])
+    evaluation = PaperEvaluation(suites=["lm_eval"], lm_eval_tasks=TASK, lm_eval_include_path=str(tasks))
+    (suite,) = evaluation.suites
+    single = suite.run(tiny_harness("tiny-llama"), load_inputs([suite], Source())["lm_eval"], {})
+
+    world = ThreadWorld(2)
+    harnesses = [tiny_harness("tiny-llama", rank=r, world_size=2, gather=world.gather_for(r)) for r in range(2)]
+    calls = [0, 0]
+    for rank, harness in enumerate(harnesses):
+        harness.runner.model.register_forward_hook(lambda *_, rank=rank: calls.__setitem__(rank, calls[rank] + 1))
+    inputs = [load_inputs([suite], Source())["lm_eval"] for _ in range(2)]
+    outputs = world.run(lambda rank: suite.run(harnesses[rank], inputs[rank], {}))
+    assert calls == [4, 4]  # 24 requests, 12 per rank in batches of 3: the one process runs 8 forwards
+    for output in outputs:
+        assert output["results"][TASK] == pytest.approx(single["results"][TASK])
+
+
+def test_lm_eval_settings_errors_name_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"eval.lm_eval_tasks: set to \['arc_easy'\], but lm_eval is not in eval.su"):
+        PaperEvaluation(suites=["gi"], lm_eval_tasks="arc_easy")
+    with pytest.raises(DataError, match=r"eval.lm_eval_tasks: the lm_eval suite is in eval.suites but lm_eval_tasks"):
+        PaperEvaluation(suites=["lm_eval"])
+    with pytest.raises(DataError, match=r"eval.lm_eval_include_path: .* is not a folder of lm-eval task YAMLs"):
+        PaperEvaluation(suites=["lm_eval"], lm_eval_tasks=TASK, lm_eval_include_path=str(tmp_path / "none"))
+    tasks = write_task(tmp_path / "tasks", [q for q, _, _ in QUESTIONS])
+    evaluation = PaperEvaluation(
+        suites=["lm_eval"], lm_eval_tasks=f"{TASK}, no_such_task", lm_eval_include_path=str(tasks)
+    )
+    with pytest.raises(DataError, match=r"eval.lm_eval_tasks: lm-eval has no task \['no_such_task'\]"):
+        load_inputs(evaluation.suites, Source())

@@ -38,7 +38,7 @@ class PaperEvaluation(Callback):
     """Evaluate like the MoEI paper when ``test`` runs: EI per aspect, GI per dimension, EQ-Bench, EmoBench.
 
     Args:
-        suites: Suites to run, from ``eibench``, ``gi``, ``eqbench``, ``emobench``, ``emotion_prompt``.
+        suites: Suites to run, from ``eibench``, ``gi``, ``eqbench``, ``emobench``, ``emotion_prompt``, ``lm_eval``.
             Empty: the callback does nothing.
         batch_size: Sequences per forward pass or generate call, per device.
         max_new_tokens: Greedy generation length for open EiBench tasks.
@@ -66,8 +66,14 @@ class PaperEvaluation(Callback):
         emobench_max_new_tokens: Reply length for the ``generate`` protocol (the reference's 50).
         emotion_prompt_stimuli: Stimulus id -> sentence, appended to every GI prompt by the
             ``emotion_prompt`` suite (Li et al. 2023; ``conf/eval/paper.yaml`` lists EP01-EP11).
-        limit: For quick runs: ask only the first N items of each task (per language) and the first N
-            EQ-Bench questions. The report says so; its scores are then not comparable with full runs.
+        lm_eval_tasks: lm-evaluation-harness tasks and groups for the ``lm_eval`` suite, a list or one
+            comma-separated string (lm-eval's ``--tasks``), run on the model in memory with lm-eval's own
+            prompts, metrics and aggregation (needs the ``lm-eval`` extra).
+        lm_eval_include_path: A folder of further lm-eval task YAMLs (lm-eval's ``--include_path``).
+        lm_eval_num_fewshot: lm-eval's ``--num_fewshot`` for every task; null: each task's own.
+        limit: For quick runs: ask only the first N items of each task (per language), the first N
+            EQ-Bench questions and the first N documents of each lm-eval task. The report says so; its
+            scores are then not comparable with full runs.
     """
 
     def __init__(
@@ -89,6 +95,9 @@ class PaperEvaluation(Callback):
         emobench_protocol: str = emobench.DEFAULT_PROTOCOL,
         emobench_max_new_tokens: int = emobench.MAX_NEW_TOKENS,
         emotion_prompt_stimuli: Mapping[str, str] | None = None,
+        lm_eval_tasks: str | Sequence[str] = (),
+        lm_eval_include_path: str | None = None,
+        lm_eval_num_fewshot: int | None = None,
         limit: int | None = None,
     ) -> None:
         super().__init__()

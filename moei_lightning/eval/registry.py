@@ -19,6 +19,7 @@ from moei_lightning.eval.emotion_prompt import EmotionPrompt
 from moei_lightning.eval.eqbench import EqBench
 from moei_lightning.eval.gi import Gi
 from moei_lightning.eval.harness import Results
+from moei_lightning.eval.lm_eval_tasks import LmEval
 from moei_lightning.eval.report import SUMMARY_COLUMNS, Report, Table
 from moei_lightning.eval.suite import Row, Settings, Source, Suite
 
@@ -28,6 +29,7 @@ SUITES: dict[str, type[Suite]] = {
     EqBench.name: EqBench,
     EmoBench.name: EmoBench,
     EmotionPrompt.name: EmotionPrompt,
+    LmEval.name: LmEval,
 }
 
 

@@ -76,6 +76,9 @@ class Settings:
     emobench_protocol: str
     emobench_max_new_tokens: int
     emotion_prompt_stimuli: Mapping[str, str] | None
+    lm_eval_tasks: str | Sequence[str]
+    lm_eval_include_path: str | None
+    lm_eval_num_fewshot: int | None
     limit: int | None
 
     def __post_init__(self) -> None:
@@ -88,15 +91,17 @@ class Settings:
         object.__setattr__(self, "suites", list(self.suites))
         object.__setattr__(self, "emobench_languages", list(self.emobench_languages))
         object.__setattr__(self, "emotion_prompt_stimuli", dict(self.emotion_prompt_stimuli or {}))
+        tasks = self.lm_eval_tasks.split(",") if isinstance(self.lm_eval_tasks, str) else self.lm_eval_tasks
+        object.__setattr__(self, "lm_eval_tasks", [task.strip() for task in tasks if task.strip()])
         for key in ("batch_size", "max_new_tokens", "eqbench_max_new_tokens", "emobench_max_new_tokens", "limit"):
             value = getattr(self, key)
             optional = key in ("eqbench_max_new_tokens", "limit")
             if not (value is None and optional) and not (isinstance(value, int) and value >= 1):
                 raise DataError(f"config key eval.{key}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.mmlu_num_fewshot, int) and self.mmlu_num_fewshot >= 0):
-            raise DataError(
-                f"config key eval.mmlu_num_fewshot: expected 0 or more examples, got {self.mmlu_num_fewshot!r}"
-            )
+        for key in ("mmlu_num_fewshot", "lm_eval_num_fewshot"):
+            value = getattr(self, key)
+            if not (value is None and key == "lm_eval_num_fewshot") and not (isinstance(value, int) and value >= 0):
+                raise DataError(f"config key eval.{key}: expected 0 or more examples, got {value!r}")
 
 
 @dataclass(frozen=True)
