@@ -88,6 +88,27 @@ def test_both_matter_checks_every_run_and_the_paired_difference() -> None:
     assert table.splitlines()[2] == "| 0 | 1 | +35.0 | -0.2 | knowledge +0.0 | 0.990 | 0.010 | 1.20 | 0.010 |"
 
 
+def test_both_matter_checks_the_claim_in_every_accuracy() -> None:
+    """The accuracy targets run again on each metric besides the primary one, and the run table shows both."""
+    bench = load_benchmark("both_matter")
+    good = [_run(60.0 + i, 99.8, 100.0, 0.01, 1.2) for i in range(4)]
+    lora = [_run(58.0 + 2 * i, 90.0, 80.0, 1.0, 1.1) for i in range(4)]
+    results = _results(good, lora)
+    acc = _results([_run(50.0, 98.0, 100.0, 0.01, 1.2) for _ in range(4)], [_run(70.0, 90.0, 80.0, 1.0, 1.1)] * 4)
+    keys = ("ei", "gi", "ei_aspects", "gi_dimensions")
+    results["primary_metric"] = "acc_norm"
+    results["base"]["by_metric"] = {"acc_norm": {k: results["base"][k] for k in keys}, "acc": acc["base"]}
+    for name, method in results["methods"].items():
+        method["by_metric"] = {
+            "acc_norm": {k: method[k] for k in keys},
+            "acc": {k: acc["methods"][name][k] for k in keys},
+        }
+    failed = [text.split(" (")[0] for text, ok in bench.targets(results) if not ok]
+    assert failed == ["acc: MoEI GI change >= -1.0 in every run", "acc: MoEI EI gain >= LoRA EI gain"]
+    row = bench.run_table(results, "moei").splitlines()[2]
+    assert row.startswith("| 0 | 1 | +35.0 / +25.0 | -0.2 / -2.0 |")  # acc_norm, then acc
+
+
 def test_both_matter_tables_both_accuracies_of_the_summaries() -> None:
     bench = load_benchmark("both_matter")
 
