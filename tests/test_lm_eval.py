@@ -226,3 +226,7 @@ def test_lm_eval_settings_errors_name_the_config_key(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"eval.lm_eval_tasks: lm-eval has no task \['no_such_task'\]"):
         load_inputs(evaluation.suites, Source())
+    (tasks / "data.jsonl").unlink()  # a task whose data is gone fails when test starts, not after the other suites
+    evaluation = PaperEvaluation(suites=["lm_eval"], lm_eval_tasks=TASK, lm_eval_include_path=str(tasks))
+    with pytest.raises(DataError, match=r"eval.lm_eval_tasks: lm-eval could not load \['moei_local_mc'\]"):
+        load_inputs(evaluation.suites, Source())

@@ -15,7 +15,8 @@ lm-eval is an optional extra (``pip install 'moei_lightning[lm-eval]'``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,9 +62,10 @@ class LmEval(Suite):
             raise DataError(f"config key eval.lm_eval_include_path: {path} is not a folder of lm-eval task YAMLs")
 
     def load(self, source: Source, loaded: Mapping[str, Any]) -> Tasks:
-        """lm-eval's task index (with ``eval.lm_eval_include_path``); a task it does not know is an error now."""
+        """lm-eval's task index (with ``eval.lm_eval_include_path``); a task it does not know, or whose data does not
+        load, is an error now rather than after the suites before it (the data loads again, from its cache, to run)."""
         try:
-            from lm_eval.tasks import TaskManager
+            from lm_eval.tasks import TaskManager, get_task_dict
         except ImportError as err:
             raise DataError(f"config key eval.suites: {self.name} needs lm-evaluation-harness; {INSTALL}") from err
         manager = TaskManager(include_path=self.settings.lm_eval_include_path)
@@ -76,6 +78,8 @@ class LmEval(Suite):
                 f"config key eval.lm_eval_tasks: lm-eval has no task {missing} among its own{where}; "
                 "`lm-eval ls tasks` lists them, and eval.lm_eval_include_path adds a folder of task YAMLs"
             )
+        with _task_errors(names):
+            get_task_dict(names, manager)
         return Tasks(names, manager)
 
     def count(self, items: Tasks) -> int:
@@ -87,7 +91,7 @@ class LmEval(Suite):
 
         from moei_lightning.lm_eval_model import MoEILM
 
-        try:
+        with _task_errors(items.names):
             results = lm_eval.simple_evaluate(
                 model=MoEILM.of_runner(harness.runner),
                 tasks=items.names,
@@ -96,8 +100,6 @@ class LmEval(Suite):
                 task_manager=items.task_manager,
                 log_samples=False,
             )
-        except (FileNotFoundError, ValueError) as err:  # a task's data files or options
-            raise DataError(f"config key eval.lm_eval_tasks: lm-eval could not run {items.names}: {err}") from err
         return json.loads(json.dumps(results, default=_plain))
 
     def report(self, outcomes: dict[str, Any], rows: list[Row], report: Report) -> None:
@@ -142,6 +144,21 @@ class LmEval(Suite):
 
     def outputs(self, outcomes: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {RESULTS_FILE: outcomes}
+
+
+@contextmanager
+def _task_errors(names: list[str]) -> Iterator[None]:
+    """A task's missing data, unreachable dataset or bad option as an error naming the config key."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        hint = (
+            "; the Hugging Face hub is not reachable: download the dataset beforehand or point the task's "
+            "dataset_path / dataset_kwargs at local files"
+            if isinstance(err, ConnectionError)
+            else ""
+        )
+        raise DataError(f"config key eval.lm_eval_tasks: lm-eval could not load {names}: {err}{hint}") from err
 
 
 def _plain(value: object) -> object:
