@@ -47,7 +47,8 @@ Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
 @register_model(MODEL_NAME)
 class MoEILM(HFLM):
-    """An export directory as an lm-eval model; log-likelihoods route each request from its context."""
+    """An export directory (or a runner's model in memory) as an lm-eval model; log-likelihoods route each request
+    from its context."""
 
     def __init__(
         self,
