@@ -20,6 +20,9 @@ OTHER_LIBRARIES = {
     # transformers' models name their decoder-block classes here (what accelerate and FSDP auto-wrap read);
     # transformers has no public accessor for it, and it is not an object of the libraries checked here.
     "_no_split_modules",
+    # lm-eval's HFLM hook for generation, which its own subclasses (lm_eval/models/hf_steered.py) override and call
+    # through super(); MoEILM adds synced_gpus there. lm-eval is not one of the libraries checked here.
+    "_model_generate",
 }
 
 
