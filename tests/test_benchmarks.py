@@ -71,8 +71,8 @@ def test_both_matter_checks_every_run_and_the_paired_difference() -> None:
     checks = dict((text.split(" (")[0], ok) for text, ok in bench.targets(_results(good, lora)))
     assert all(checks.values()), checks
     texts = [text for text, _ in bench.targets(_results(good, lora))]
-    # differences 2, 1, 0, -1: mean +0.5, sd 1.29, t(3) 3.182 -> half-width 2.05
-    assert "mean difference +0.5 points, 95 % interval [-1.6, +2.6] over 4 paired runs" in texts[-1]
+    # differences 2, 1 (seeds 0, 1 at one thread), 0, -1 (at two): seed means 1.0, 0.0, sd 0.71, t(1) 12.71 -> 6.35
+    assert "mean difference +0.5 points, 95 % interval [-5.9, +6.9] over 2 seeds, each its runs' mean" in texts[-1]
 
     # one run of four losing a reading item too many, one spiking, one leaking: each rule fails on its own
     for bad, rule in (
