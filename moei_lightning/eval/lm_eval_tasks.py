@@ -6,8 +6,9 @@ metrics and aggregation.
 (requests routed from their context, as the ``lm-eval`` command does), shared out over the ranks by the
 model runner. ``eval.lm_eval_include_path`` adds a folder of task YAMLs (lm-eval's ``--include_path``),
 ``eval.lm_eval_num_fewshot`` is lm-eval's ``--num_fewshot``, ``eval.limit`` its ``--limit`` and
-``eval.batch_size`` its ``--batch_size``. The report has one summary row per task and metric in percent,
-logged as ``test/lm_eval/<task>/<metric>`` (``/<filter>`` after it for a filter other than ``none``), and
+``eval.batch_size`` its ``--batch_size``. The report has one summary row per task and metric, in lm-eval's
+own units (accuracies as fractions, BLEU 0-100, perplexities as they are: no unit is guessed), logged as
+``test/lm_eval/<task>/<metric>`` (``/<filter>`` after it for a filter other than ``none``), and
 ``lm_eval_results.json`` holds lm-eval's own results, as its ``--output_path`` writes them.
 lm-eval is an optional extra (``pip install 'moei_lightning[lm-eval]'``).
 """
@@ -106,8 +107,8 @@ class LmEval(Suite):
         table = Table(
             "lm-evaluation-harness",
             TABLE_COLUMNS,
-            note="lm-eval's own numbers for its tasks and groups, in percent (value and standard error); "
-            f"its full results are in {RESULTS_FILE}.",
+            note="lm-eval's own numbers for its tasks and groups, in its own units as its table prints them "
+            f"(accuracies as fractions); its full results are in {RESULTS_FILE}.",
         )
         results = outcomes["results"]
         for task, metrics in results.items():
@@ -118,11 +119,10 @@ class LmEval(Suite):
                 stderr = metrics.get(f"{metric}_stderr,{filter_name}")
                 n = outcomes.get("n-samples", {}).get(task, {}).get("effective")
                 parts = [metric] if filter_name == "none" else [metric, filter_name]
-                score = round(100 * value, 4)
                 key = metric_key(STAGE, self.name, task, *parts)
                 shots = outcomes.get("n-shot", {}).get(task)
-                note = f"lm-eval {metric}" + ("" if shots is None else f", {shots}-shot")
-                report.add(f"lm-eval/{task}", "/".join(parts), score, n, note, key)
+                note = f"lm-eval's {metric}" + ("" if shots is None else f", {shots}-shot") + ", in lm-eval's unit"
+                report.add(f"lm-eval/{task}", "/".join(parts), value, n, note, key)
                 table.rows.append(
                     [
                         task,
@@ -130,8 +130,8 @@ class LmEval(Suite):
                         filter_name,
                         shots,
                         metric,
-                        score,
-                        round(100 * stderr, 4) if isinstance(stderr, int | float) else None,
+                        value,
+                        stderr if isinstance(stderr, int | float) else None,
                         n,
                     ]
                 )
