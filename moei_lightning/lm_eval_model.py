@@ -3,7 +3,7 @@
 :class:`MoEILM` is lm-eval's ``HFLM`` over ``moei_lightning.from_pretrained(DIR)`` (any export format),
 registered as lm-eval model ``moei``, so tasks run with lm-eval's own prompts, metrics and aggregation;
 ``adapters=False`` (``--backbone_only``) evaluates the backbone the adapters were trained on;
-:meth:`MoEILM.of_runner` wraps a model already in memory (the ``lm_eval`` suite of ``test``).
+``MoEILM(runner=...)`` wraps a model already in memory (the ``lm_eval`` suite of ``test``).
 Only the log-likelihood forward is its own: with prompt routing (MoLoRA) each request is routed from
 its context tokens alone, never its continuation, through the project's scorer
 (:func:`~moei_lightning.runner.routed_logits`), as choice scoring does in training and
@@ -84,11 +84,6 @@ class MoEILM(HFLM):
             max_length=max_length,
             **kwargs,
         )
-
-    @classmethod
-    def of_runner(cls, runner: ModelRunner, **kwargs: Any) -> MoEILM:
-        """The runner's model, in memory, as an lm-eval model; ``kwargs`` go to ``HFLM`` (``max_length``)."""
-        return cls(runner=runner, **kwargs)
 
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None

@@ -94,7 +94,7 @@ class LmEval(Suite):
 
         with _task_errors(items.names):
             results = lm_eval.simple_evaluate(
-                model=MoEILM.of_runner(harness.runner),
+                model=MoEILM(runner=harness.runner),
                 tasks=items.names,
                 num_fewshot=self.settings.lm_eval_num_fewshot,
                 limit=self.settings.limit,
@@ -110,31 +110,22 @@ class LmEval(Suite):
             note="lm-eval's own numbers for its tasks and groups, in its own units as its table prints them "
             f"(accuracies as fractions); its full results are in {RESULTS_FILE}.",
         )
-        results = outcomes["results"]
-        for task, metrics in results.items():
+        for task, metrics in outcomes["results"].items():
+            n = outcomes.get("n-samples", {}).get(task, {}).get("effective")
+            shots = outcomes.get("n-shot", {}).get(task)
+            version = outcomes.get("versions", {}).get(task)
             for name, value in metrics.items():
                 metric, _, filter_name = name.partition(",")
                 if not filter_name or "_stderr" in metric or not isinstance(value, int | float):
                     continue
                 stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-                n = outcomes.get("n-samples", {}).get(task, {}).get("effective")
                 parts = [metric] if filter_name == "none" else [metric, filter_name]
-                key = metric_key(STAGE, self.name, task, *parts)
-                shots = outcomes.get("n-shot", {}).get(task)
                 note = f"lm-eval's {metric}" + ("" if shots is None else f", {shots}-shot") + ", in lm-eval's unit"
-                report.add(f"lm-eval/{task}", "/".join(parts), value, n, note, key)
-                table.rows.append(
-                    [
-                        task,
-                        outcomes.get("versions", {}).get(task),
-                        filter_name,
-                        shots,
-                        metric,
-                        value,
-                        stderr if isinstance(stderr, int | float) else None,
-                        n,
-                    ]
+                report.add(
+                    f"lm-eval/{task}", "/".join(parts), value, n, note, metric_key(STAGE, self.name, task, *parts)
                 )
+                stderr = stderr if isinstance(stderr, int | float) else None
+                table.rows.append([task, version, filter_name, shots, metric, value, stderr, n])
         report.tables[self.name] = table
         if self.settings.limit is not None:
             report.notes.append(
